@@ -57,9 +57,9 @@ def verify_sdist(path: Path, expected: str = SDIST_SHA256) -> None:
 def detectron2_usable(python: str = sys.executable) -> tuple[bool, str]:
     """Import detectron2 (through the compatibility layer) in a fresh interpreter."""
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
         "import transfer.d2compat as c; d2 = c.import_detectron2()\n"
-        "print(d2.__version__, d2.__file__)" % str(ROOT)
+        "print(d2.__version__, d2.__file__)"
     )
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
     if proc.returncode == 0:
@@ -87,8 +87,8 @@ def download_sdist(dest: Path) -> Path:
     return found[0]
 
 
-def install_from_sdist(sdist: Path, site_packages: Path) -> Path:
-    verify_sdist(sdist)
+def install_from_sdist(sdist: Path, site_packages: Path, expected_sha256: str = SDIST_SHA256) -> Path:
+    verify_sdist(sdist, expected_sha256)
     target = site_packages / "detectron2"
     with tempfile.TemporaryDirectory(dir=site_packages, prefix=".d2-install-") as tmp:
         tmp_path = Path(tmp)
