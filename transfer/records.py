@@ -13,7 +13,8 @@ Schema (``"schema": "masked-ssl-record/v1"``)::
       "seed": int,
       "model": {"name": row label, "base": "mocov2"|"simclr"|"supervised"|"random"|"external",
                 "masking": "none"|"saliency"|"mscn"|"adios", "strategy": "hp"|"blur"|"mean"|None,
-                "mask_branch": "query"|"key"|"both"|None, "arch": "resnet50", "input_filter": {...}},
+                "mask_branch": "query"|"key"|"both"|None, "arch": "resnet50", "input_filter": {...},
+                "saliency_source": str|None (saliency masking only; absent in older records)},
       "weights": {"path": str, "sha256": str},
       "metrics": {"voc_AP": 50.1, ...},        # percentages in [0, 100]
       "config": {...}, "config_hash": sha256 of config,
@@ -49,7 +50,7 @@ TASKS = {
     ),
 }
 STATUSES = ("ok", "failed", "running")
-MODEL_FIELDS = ("name", "base", "masking", "strategy", "mask_branch", "arch", "input_filter")
+MODEL_FIELDS = ("name", "base", "masking", "strategy", "mask_branch", "arch", "input_filter", "saliency_source")
 
 
 class RecordError(ValueError):
@@ -65,6 +66,7 @@ def model_from_meta(meta: dict[str, Any], name: str | None = None) -> dict[str, 
         "mask_branch": meta.get("mask_branch"),
         "arch": meta.get("arch"),
         "input_filter": meta.get("input_filter", {"name": "none"}),
+        "saliency_source": meta.get("saliency_source"),
     }
     model["name"] = name or default_model_name(model)
     return model
