@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transfer.records import TASKS, load_records
+from transfer.records import SCHEMA, TASKS, load_records
 from transfer.table_layout import ModelIdentity
 
 STATUS_RANK = {"ok": 0, "failed": 1, "running": 2}
+BIG_JSON_BYTES = 8 << 20  # records are a few kB
 
 
 class TablesInputError(ValueError):
@@ -118,12 +119,25 @@ class ResultsData:
         return self.cells.get((identity, metric), Cell())
 
 
+def _clearly_not_a_record(file: Path) -> bool:
+    """Big JSON files beside records (detectron2's predictions dumps) are not parsed just to be skipped."""
+    try:
+        if file.stat().st_size <= BIG_JSON_BYTES:
+            return False
+        with open(file, "rb") as handle:
+            return SCHEMA.encode() not in handle.read(4096)
+    except OSError:
+        return False
+
+
 def read_results(paths: list[str | os.PathLike]) -> tuple[list[LoadedRecord], list[tuple[str, str]]]:
     """Every record under ``paths`` with its file, plus (path, problem) for each invalid one."""
     loaded, invalid = [], []
     for entry in map(Path, paths):
         files = sorted(entry.rglob("*.json")) if entry.is_dir() else [entry]
         for file in files:
+            if _clearly_not_a_record(file):
+                continue
             records, problems = load_records([file])
             invalid.extend(problems)
             for record in records:

@@ -20,6 +20,12 @@ from transfer.table_render import markdown_body
 from transfer.tables import PAPER_NOTE_TEXT, TABLE_NOTES, Table
 
 MAX_LISTED = 50  # per problem list; the rest is counted
+MASKING_FIGURES = "masking_*.png"  # under OUT/figures/, written by the benchmark driver
+
+
+def masking_figure_path(out: str | Path, name: str) -> Path:
+    """Where the driver puts a masking/saliency picture so that the index links it."""
+    return Path(out) / "figures" / f"masking_{name}.png"
 
 
 def _link(path: Path, out: Path, text: str) -> str:
@@ -104,7 +110,7 @@ def write_index(
 
     lines += ["## Figures", ""]
     lines += [f"- {_link(path, out, f'Table {key} bar chart')}" for key, path in figures.items()]
-    masking = sorted((out / "figures").glob("masking_*.png"))
+    masking = sorted((out / "figures").glob(MASKING_FIGURES))
     if masking:
         lines += [f"- {_link(path, out, path.stem.replace('_', ' '))}" for path in masking]
         lines += ["", *[f"![{path.stem}]({Path(os.path.relpath(path, out)).as_posix()})" for path in masking]]

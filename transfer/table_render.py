@@ -172,13 +172,15 @@ def render_latex(table: Table, preset: str, comparison: bool = False) -> str:
         hrules=True,
         multicol_align="c",
         caption=caption,
-        label=f"tab:{table.spec.slug}{'_vs_paper' if comparison else ''}_{preset}",
+        label=f"tab:{table.spec.slug}{'_vs_paper' if comparison else ''}_{re.sub(r'[^A-Za-z0-9]+', '-', preset)}",
         position="t",
         position_float="centering",
     )
     latex = _group_midrules(latex, table.cells.drop_duplicates("row")["group"].tolist())
     comments = "".join(f"% {line}\n" for line in notes(table, comparison))
     preamble = "% Requires \\usepackage{booktabs}.\n"
+    if frame.shape[1] > 12:
+        preamble += "% Wide: wrap the tabular in \\resizebox{\\textwidth}{!}{...} (graphicx) or set it landscape.\n"
     return preamble + comments + latex
 
 

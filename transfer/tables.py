@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,34 +190,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def write_all(
+    results_dir: str | Path,
+    out: str | Path | None = None,
+    preset: str | None = None,
+    protocols: dict[str, str] | None = None,
+    paper_csv: str | Path = DEFAULT_PAPER_CSV,
+    figures: bool = True,
+) -> tuple[ResultsData, Path]:
+    """Everything ``python -m transfer.tables`` writes; returns the data used and the index path.
+
+    Raises :class:`TablesInputError` / :class:`PaperReferenceError` before writing anything.
+    """
     from transfer.results_index import write_index
     from transfer.table_render import write_cells_csv, write_table_files
 
-    try:
-        paper = load_paper_reference(args.paper)
-        data = collect(args.results_dir, preset=args.preset, protocols=parse_protocol_choices(args.protocol))
-    except (TablesInputError, PaperReferenceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out or args.results_dir)
+    paper = load_paper_reference(paper_csv)
+    data = collect(results_dir, preset=preset, protocols=protocols)
+    out = Path(out or results_dir)
     tables = build_tables(data, paper)
     written = {key: write_table_files(table, out / "tables", data.preset) for key, table in tables.items()}
     write_cells_csv(all_cells(tables), out / "tables" / "cells.csv")
-    figures = {}
-    if not args.no_figures:
+    charts = {}
+    if figures:
         from transfer.figures import write_bar_chart
 
-        figures = {key: write_bar_chart(table, out / "figures" / f"{table.spec.slug}.png", data.preset)
-                   for key, table in tables.items()}
-    index = write_index(out, data, tables, written, figures)
+        for key, table in tables.items():
+            charts[key] = write_bar_chart(table, out / "figures" / f"{table.spec.slug}.png", data.preset)
+    return data, write_index(out, data, tables, written, charts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        data, index = write_all(
+            args.results_dir, args.out, args.preset, parse_protocol_choices(args.protocol), args.paper,
+            figures=not args.no_figures,
+        )
+    except (TablesInputError, PaperReferenceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot write the tables under {args.out or args.results_dir}: {err}", file=sys.stderr)
+        return 2
     for path, problem in data.invalid:
         print(f"warning: invalid record {path}: {problem}", file=sys.stderr)
-    statuses = pd.Series([item.record["status"] for item in data.winners]).value_counts().to_dict()
+    statuses = dict(sorted(Counter(item.record["status"] for item in data.winners).items()))
     print(
-        f"preset '{data.preset}': {len(data.winners)} records ({statuses}), {len(data.invalid)} invalid, "
-        f"{len(data.excluded)} excluded; tables in {out / 'tables'}; index {index}"
+        f"preset '{data.preset}': {len(data.winners)} records {statuses}, {len(data.invalid)} invalid, "
+        f"{len(data.excluded)} left out; index: {index}"
     )
     return 0
 
