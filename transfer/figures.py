@@ -55,16 +55,37 @@ def render_bar_chart(table: Table, preset: str) -> Figure:
         ours = part["mean"].to_numpy(dtype=float)
         stds = np.nan_to_num(part["std"].to_numpy(dtype=float))
         paper = part["paper"].to_numpy(dtype=float)
-        ax.barh(positions + 0.2, np.nan_to_num(ours), height=0.38, xerr=stds, color=OURS_COLOR,
-                label="ours (mean ± std over seeds)", error_kw={"elinewidth": 0.8, "capsize": 2})
-        ax.barh(positions - 0.2, np.nan_to_num(paper), height=0.38, color=PAPER_COLOR, hatch="//",
-                edgecolor="white", label="paper")
+        ax.barh(
+            positions + 0.2,
+            np.nan_to_num(ours),
+            height=0.38,
+            xerr=stds,
+            color=OURS_COLOR,
+            label="ours (mean ± std over seeds)",
+            error_kw={"elinewidth": 0.8, "capsize": 2},
+        )
+        ax.barh(
+            positions - 0.2,
+            np.nan_to_num(paper),
+            height=0.38,
+            color=PAPER_COLOR,
+            hatch="//",
+            edgecolor="white",
+            label="paper",
+        )
         top = np.nanmax(np.concatenate([ours + stds, paper, [1.0]]))
         ax.set_xlim(0, min(100.0, top * 1.12) if top > 0 else 1.0)
         for y, value, status in zip(positions, ours, part["status"]):
             if math.isnan(value):
-                ax.text(ax.get_xlim()[1] * 0.01, y + 0.2, status, va="center", fontsize=7, style="italic",
-                        color="#a00000" if status == "failed" else "#555555")
+                ax.text(
+                    ax.get_xlim()[1] * 0.01,
+                    y + 0.2,
+                    status,
+                    va="center",
+                    fontsize=7,
+                    style="italic",
+                    color="#a00000" if status == "failed" else "#555555",
+                )
         for offset, (above, below) in enumerate(zip(groups, groups[1:])):
             if above != below:
                 ax.axhline(positions[offset] - 0.5, color="#dddddd", linewidth=0.8)

@@ -168,10 +168,16 @@ def collect(
     """Read, select and aggregate the records under ``results_dir`` (see the module docstring)."""
     results_dir = Path(results_dir)
     if not results_dir.exists():
-        raise TablesInputError(f"results directory {results_dir} does not exist; pass the folder the runs wrote")
+        raise TablesInputError(
+            f"results directory {results_dir} does not exist; pass the folder the runs wrote"
+        )
     loaded, invalid = read_results([results_dir])
     if not loaded:
-        detail = f" ({len(invalid)} invalid record files, e.g. {invalid[0][0]}: {invalid[0][1]})" if invalid else ""
+        detail = (
+            f" ({len(invalid)} invalid record files, e.g. {invalid[0][0]}: {invalid[0][1]})"
+            if invalid
+            else ""
+        )
         raise TablesInputError(
             f"no results records (JSON files with schema masked-ssl-record/v1) under {results_dir}{detail}; "
             "run the transfer tasks (or bash run_all.sh) first, or point at the folder they wrote"
@@ -195,7 +201,9 @@ def collect(
                 kept.append(item)
         loaded = kept
         if not loaded:
-            raise TablesInputError(f"no records of preset '{preset}' under {results_dir}; presets found: {sorted(tags)}")
+            raise TablesInputError(
+                f"no records of preset '{preset}' under {results_dir}; presets found: {sorted(tags)}"
+            )
 
     loaded, chosen, more_excluded = _select_protocols(loaded, protocols or {}, results_dir)
     excluded.extend(more_excluded)
@@ -221,7 +229,9 @@ def _select_protocols(
     for task, protocol in chosen.items():
         if protocol not in by_task.get(task, {}):
             found = sorted(by_task.get(task, {}))
-            raise TablesInputError(f"--protocol {task}={protocol}: no such records; protocols of {task}: {found}")
+            raise TablesInputError(
+                f"--protocol {task}={protocol}: no such records; protocols of {task}: {found}"
+            )
     mixed = {task: counts for task, counts in by_task.items() if len(counts) > 1 and task not in chosen}
     if mixed:
         lines = "; ".join(
@@ -252,7 +262,8 @@ def _pick_winners(loaded: list[LoadedRecord]) -> tuple[list[LoadedRecord], list[
     winners, superseded = [], []
     for candidates in slots.values():
         latest_first = sorted(candidates, key=lambda i: i.sort_time, reverse=True)
-        best = min(latest_first, key=lambda i: STATUS_RANK[i.record["status"]])  # stable: latest of best status
+        # min() keeps the first of equals, so this is the latest record of the best status
+        best = min(latest_first, key=lambda i: STATUS_RANK[i.record["status"]])
         winners.append(best)
         for other in candidates:
             if other is best:

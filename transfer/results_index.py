@@ -17,7 +17,7 @@ from pretrain.fileio import atomic_write_text
 from pretrain.provenance import code_version, utc_now
 from transfer.results_data import ResultsData
 from transfer.table_render import markdown_body
-from transfer.tables import PAPER_NOTE_TEXT, TABLE_NOTES, Table
+from transfer.tables import PAPER_NOTE_TEXT, TABLE_NOTES, Table, not_beating_random_init
 
 MAX_LISTED = 50  # per problem list; the rest is counted
 MASKING_FIGURES = "masking_*.png"  # under OUT/figures/, written by the benchmark driver
@@ -102,7 +102,11 @@ def write_index(
         figure = _link(figures[key], out, "PNG") if key in figures else "–"
         lines.append(f"| {key}: {table.spec.title} | {ours} | {versus} | {figure} |")
     cells_csv = out / "tables" / "cells.csv"
-    lines += ["", f"Every cell in long format (seeds, status, paper, diff): {_link(cells_csv, out, 'cells.csv')}.", ""]
+    lines += [
+        "",
+        f"Every cell in long format (seeds, status, paper, diff): {_link(cells_csv, out, 'cells.csv')}.",
+        "",
+    ]
     for key, table in tables.items():
         lines += [f"### Table {key}: {table.spec.title}", ""]
         lines.append(markdown_body(table))
@@ -120,23 +124,43 @@ def write_index(
             "(the benchmark driver renders them with `pretrain.visualize`)."
         )
 
+    lines += ["", "## Sanity check: SSL rows vs. Random init (linear evaluation, Table A)", ""]
+    compared, losers = not_beating_random_init(tables["A"]) if "A" in tables else (0, [])
+    if not compared:
+        lines.append("- Not checked: Table A has no Random init number or no SSL number yet.")
+    elif not losers:
+        lines.append(f"- All {compared} SSL cells of Table A are above the Random init row.")
+    else:
+        lines.append(f"- {len(losers)} of {compared} SSL cells of Table A are NOT above the Random init row:")
+        lines += ["  " + line for line in _listing(losers)]
+
     lines += ["", "## What is not a number", ""]
     problems = [
-        ("Failed runs (no number; rerun them to fill the cell)", [
-            f"{item.record['task']} · {item.identity.name} · seed {item.record['seed']}: "
-            f"{_first_line(str(item.record.get('error') or 'no error message'))} (`{item.path}`)"
-            for item in data.failed
-        ]),
+        (
+            "Failed runs (no number; rerun them to fill the cell)",
+            [
+                f"{item.record['task']} · {item.identity.name} · seed {item.record['seed']}: "
+                f"{_first_line(str(item.record.get('error') or 'no error message'))} (`{item.path}`)"
+                for item in data.failed
+            ],
+        ),
         ("Missing cells", _missing_cells(tables)),
-        ("Runs in progress or interrupted (status running)", [
-            f"{item.record['task']} · {item.identity.name} · seed {item.record['seed']} (`{item.path}`)"
-            for item in data.running
-        ]),
-        ("Invalid record files (not trusted; delete or recompute them)",
-         [f"`{path}`: {_first_line(problem)}" for path, problem in data.invalid]),
+        (
+            "Runs in progress or interrupted (status running)",
+            [
+                f"{item.record['task']} · {item.identity.name} · seed {item.record['seed']} (`{item.path}`)"
+                for item in data.running
+            ],
+        ),
+        (
+            "Invalid record files (not trusted; delete or recompute them)",
+            [f"`{path}`: {_first_line(problem)}" for path, problem in data.invalid],
+        ),
         ("Records left out (other preset or protocol)", [f"`{path}`: {why}" for path, why in data.excluded]),
-        ("Records superseded by another record of the same model, task and seed",
-         [f"`{path}`: {why}" for path, why in data.superseded]),
+        (
+            "Records superseded by another record of the same model, task and seed",
+            [f"`{path}`: {why}" for path, why in data.superseded],
+        ),
     ]
     for title, items in problems:
         lines += [f"### {title}: {len(items)}", "", *(_listing(items) or ["- none"]), ""]

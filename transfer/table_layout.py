@@ -188,7 +188,7 @@ class ModelIdentity:
         return label
 
     def distinguishing(self, others: Iterable[ModelIdentity]) -> str:
-        """" [field=value, ...]" naming the fields in which this identity differs from ``others``."""
+        """A " [field=value, ...]" suffix naming the fields in which this identity differs from ``others``."""
         fields = ("arch", "input_filter", "saliency_source", "strategy", "name")
         others = list(others)
         parts = []
@@ -253,7 +253,9 @@ def load_paper_reference(path: str | os.PathLike = DEFAULT_PAPER_CSV) -> dict[st
     for item in frame.itertuples(index=False):
         key = (item.table, item.base, item.strategy or None, item.mask_branch or None)
         if key not in index:
-            row = PaperRow(item.table, item.method, item.base, key[2], key[3], len(tables.get(item.table, [])), {})
+            row = PaperRow(
+                item.table, item.method, item.base, key[2], key[3], len(tables.get(item.table, [])), {}
+            )
             index[key] = row
             tables.setdefault(item.table, []).append(row)
         index[key].values[item.metric] = float(item.value)
@@ -298,11 +300,15 @@ def _belongs_to_table_c(identity: ModelIdentity, ablated_bases: set[str]) -> boo
     return identity.base in ablated_bases and identity.masking in ("none", "saliency")
 
 
-def layout_rows(spec: TableSpec, identities: Iterable[ModelIdentity], paper_rows: list[PaperRow]) -> list[TableRow]:
+def layout_rows(
+    spec: TableSpec, identities: Iterable[ModelIdentity], paper_rows: list[PaperRow]
+) -> list[TableRow]:
     """Every row of one table, in order: paper rows (filled or empty), Random init, extras, externals."""
     identities = sorted(set(identities), key=lambda i: (i.name, str(i)))
     if spec.key == "C":
-        ablated = {"mocov2"} | {i.base for i in identities if i.masking == "saliency" and i.mask_branch != "query"}
+        ablated = {"mocov2"} | {
+            i.base for i in identities if i.masking == "saliency" and i.mask_branch != "query"
+        }
         identities = [i for i in identities if _belongs_to_table_c(i, ablated)]
     paper_by_key = {row.key: row for row in paper_rows}
     random_row = PaperRow(spec.key, BASE_LABELS["random"], "random", None, None, len(paper_rows), {})

@@ -20,8 +20,18 @@ from transfer.tables import DISPLAY_DECIMALS, PAPER_NOTE_TEXT, PAPER_NOTES, TABL
 
 MISSING = {"md": "–", "tex": "--"}
 LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--", "±": r"$\pm$",
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "–": "--",
+    "±": r"$\pm$",
 }
 NOTE_MARK = {"md": "†", "tex": r"$^\dagger$"}
 
@@ -98,9 +108,13 @@ def display_versus_paper(table: Table, fmt: str) -> pd.DataFrame:
     names = {"md": (" ours", " paper", " Δ"), "tex": ("Ours", "Paper", r"$\Delta$")}[fmt]
     for column in table.spec.columns:
         part = cells.xs(column.metric, level="metric")
-        ours = part.apply(lambda c: _number(c["mean"]) if c.status == "ok" else _missing_or(c.status, fmt), axis=1)
+        ours = part.apply(
+            lambda c: _number(c["mean"]) if c.status == "ok" else _missing_or(c.status, fmt), axis=1
+        )
         paper = part["paper"].map(lambda v: MISSING[fmt] if math.isnan(v) else _number(v))
-        marked = part["method"].map(lambda m, metric=column.metric: (table.spec.key, m, metric) in PAPER_NOTES)
+        marked = part["method"].map(
+            lambda m, metric=column.metric: (table.spec.key, m, metric) in PAPER_NOTES
+        )
         paper = paper.where(~marked, paper + NOTE_MARK[fmt])
         diff = part["diff"].map(lambda v: MISSING[fmt] if math.isnan(v) else _number(v, signed=True))
         for name, values in zip(names, (ours, paper, diff)):
@@ -121,7 +135,8 @@ def _frame(columns: dict, fmt: str) -> pd.DataFrame:
     if fmt == "tex" and any(isinstance(key, tuple) for key in columns):
         depth = max(len(key) if isinstance(key, tuple) else 1 for key in columns)
         keys = [
-            (*[""] * (depth - len(k)), *k) if isinstance(k, tuple) else (*[""] * (depth - 1), k) for k in columns
+            (*[""] * (depth - len(k)), *k) if isinstance(k, tuple) else (*[""] * (depth - 1), k)
+            for k in columns
         ]
         frame.columns = pd.MultiIndex.from_tuples(keys)
     return frame.reset_index(drop=True)
@@ -138,8 +153,10 @@ def notes(table: Table, comparison: bool, fmt: str = "md") -> list[str]:
             "ties are all bold; Supervised, Random init and third-party rows are not ranked."
         )
     else:
-        lines.append("Δ = ours − paper; the paper's setting (ResNet-50, ImageNet-100, 200 epochs) is only "
-                     "matched by the paper preset.")
+        lines.append(
+            "Δ = ours − paper. The paper pretrains ResNet-50 on ImageNet-100 (200 epochs for Tables A "
+            "and B); only the paper preset matches that setting, so Δ is a reproduction check there only."
+        )
         used = {note for (key, _, _), note in PAPER_NOTES.items() if key == table.spec.key}
         lines.extend(f"{NOTE_MARK['md']} {PAPER_NOTE_TEXT[note]}" for note in sorted(used))
     if table.spec.key in TABLE_NOTES:
@@ -180,7 +197,9 @@ def render_latex(table: Table, preset: str, comparison: bool = False) -> str:
     comments = "".join(f"% {line}\n" for line in notes(table, comparison))
     preamble = "% Requires \\usepackage{booktabs}.\n"
     if frame.shape[1] > 12:
-        preamble += "% Wide: wrap the tabular in \\resizebox{\\textwidth}{!}{...} (graphicx) or set it landscape.\n"
+        preamble += (
+            "% Wide: wrap the tabular in \\resizebox{\\textwidth}{!}{...} (graphicx) or set it landscape.\n"
+        )
     return preamble + comments + latex
 
 

@@ -44,9 +44,28 @@ from transfer.table_layout import (
 
 DISPLAY_DECIMALS = 2
 CELL_COLUMNS = (
-    "row", "group", "method", "mask_branch", "model", "base", "masking", "strategy", "arch",
-    "saliency_source", "metric", "task", "protocol", "mean", "std", "n", "seeds", "status",
-    "failed_seeds", "paper", "diff", "best",
+    "row",
+    "group",
+    "method",
+    "mask_branch",
+    "model",
+    "base",
+    "masking",
+    "strategy",
+    "arch",
+    "saliency_source",
+    "metric",
+    "task",
+    "protocol",
+    "mean",
+    "std",
+    "n",
+    "seeds",
+    "status",
+    "failed_seeds",
+    "paper",
+    "diff",
+    "best",
 )
 # Published values that look wrong but are what the paper prints: shown as published, flagged.
 PAPER_NOTES = {
@@ -158,6 +177,24 @@ def _best_mask(cells: pd.DataFrame) -> pd.Series:
     return best
 
 
+def not_beating_random_init(table: Table) -> tuple[int, list[str]]:
+    """Sanity check: SSL cells (base-method blocks) not above the Random init row's number.
+
+    Returns (number of SSL cells compared, descriptions of those at or below Random init).
+    """
+    cells = table.cells[table.cells["mean"].notna()]
+    random_init = cells[(cells.group == REFERENCE_GROUP) & (cells.base == "random")]
+    reference = dict(zip(random_init.metric, random_init["mean"]))
+    ssl = cells[~cells.group.isin([REFERENCE_GROUP, EXTERNAL_GROUP]) & cells.metric.isin(reference)]
+    losers = [
+        f"{row.group} · {row.method}{f' [{row.mask_branch}]' if table.spec.branch_column else ''} · {row.metric}: "
+        f"{row.mean:.2f} <= Random init {reference[row.metric]:.2f}"
+        for row in ssl.itertuples()
+        if row.mean <= reference[row.metric]
+    ]
+    return len(ssl), losers
+
+
 def build_tables(data: ResultsData, paper: dict[str, list[PaperRow]]) -> dict[str, Table]:
     return {key: build_table(spec, data, paper.get(key, [])) for key, spec in TABLES.items()}
 
@@ -178,14 +215,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("results_dir", metavar="RESULTS_DIR", help="folder searched recursively for records")
     parser.add_argument("--out", help="output folder (default: RESULTS_DIR)")
     parser.add_argument(
-        "--preset", help="build this preset only (records' extra.preset); default: the only one present, "
+        "--preset",
+        help="build this preset only (records' extra.preset); default: the only one present, "
         "named after RESULTS_DIR when records are untagged",
     )
     parser.add_argument(
-        "--protocol", action="append", metavar="TASK=PROTOCOL",
+        "--protocol",
+        action="append",
+        metavar="TASK=PROTOCOL",
         help="use this protocol for TASK when several are present (repeatable)",
     )
-    parser.add_argument("--paper", default=str(DEFAULT_PAPER_CSV), help="published numbers CSV (default: %(default)s)")
+    parser.add_argument(
+        "--paper", default=str(DEFAULT_PAPER_CSV), help="published numbers CSV (default: %(default)s)"
+    )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG bar charts")
     return parser.parse_args(argv)
 
@@ -224,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         data, index = write_all(
-            args.results_dir, args.out, args.preset, parse_protocol_choices(args.protocol), args.paper,
+            args.results_dir,
+            args.out,
+            args.preset,
+            parse_protocol_choices(args.protocol),
+            args.paper,
             figures=not args.no_figures,
         )
     except (TablesInputError, PaperReferenceError) as err:

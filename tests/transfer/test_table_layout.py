@@ -19,8 +19,15 @@ PAPER_FRAME = pd.read_csv(DEFAULT_PAPER_CSV, dtype=str, keep_default_na=False)
 
 
 def identity(base, masking="none", strategy=None, branch=None, name=None, **fields) -> ModelIdentity:
-    model = {"base": base, "masking": masking, "strategy": strategy, "mask_branch": branch,
-             "arch": "resnet18", "input_filter": {"name": "none"}, "name": name or f"{base}-{masking}-{strategy}-{branch}"}
+    model = {
+        "base": base,
+        "masking": masking,
+        "strategy": strategy,
+        "mask_branch": branch,
+        "arch": "resnet18",
+        "input_filter": {"name": "none"},
+        "name": name or f"{base}-{masking}-{strategy}-{branch}",
+    }
     model.update(fields)
     return ModelIdentity.from_model(model)
 
@@ -37,13 +44,18 @@ def identity_for_paper_row(row) -> ModelIdentity:
 def test_reference_csv_holds_the_published_tables():
     assert {key: len(rows) for key, rows in PAPER.items()} == {"A": 13, "B": 13, "C": 7}
     assert len(PAPER_FRAME) == 13 * 3 + 13 * 9 + 7
-    assert PAPER["A"][0].values == {"imagenet100_top1": 82.72, "caltech101_acc": 21.99, "flowers102_acc": 20.29}
+    assert PAPER["A"][0].values == {
+        "imagenet100_top1": 82.72,
+        "caltech101_acc": 21.99,
+        "flowers102_acc": 20.29,
+    }
     assert PAPER["B"][4].method == "+ Ours (High-pass filtering)" and PAPER["B"][4].values["voc_AP"] == 50.89
     assert [(row.strategy, row.mask_branch) for row in PAPER["C"]][1:3] == [("hp", "key"), ("hp", "query")]
 
 
 @pytest.mark.parametrize(
-    "table, position", [(key, i) for key, rows in PAPER.items() for i in range(len(rows))],
+    "table, position",
+    [(key, i) for key, rows in PAPER.items() for i in range(len(rows))],
 )
 def test_every_paper_row_is_filled_by_its_model(table, position):
     paper_row = PAPER[table][position]
@@ -69,10 +81,21 @@ def test_rows_follow_the_papers_order_then_extras_then_third_party():
     rows = layout_rows(TABLES["A"], models, PAPER["A"])
     labels = [row.label for row in rows]
     assert labels == [
-        "Supervised", "Random init",
-        "MoCov2", "+ MSCN", "+ ADIOS", "+ Ours (High-pass filtering)", "+ Ours (Strong blurring)",
-        "+ Ours (Mean filling)", "+ Ours (High-pass filtering), mask on key", "+ Ours (Strong blurring), mask on both",
-        "SimCLR", "+ MSCN", "+ ADIOS", "+ Ours (High-pass filtering)", "+ Ours (Strong blurring)",
+        "Supervised",
+        "Random init",
+        "MoCov2",
+        "+ MSCN",
+        "+ ADIOS",
+        "+ Ours (High-pass filtering)",
+        "+ Ours (Strong blurring)",
+        "+ Ours (Mean filling)",
+        "+ Ours (High-pass filtering), mask on key",
+        "+ Ours (Strong blurring), mask on both",
+        "SimCLR",
+        "+ MSCN",
+        "+ ADIOS",
+        "+ Ours (High-pass filtering)",
+        "+ Ours (Strong blurring)",
         "+ Ours (Mean filling)",
         "zz-torchvision",
     ]
@@ -83,9 +106,12 @@ def test_rows_follow_the_papers_order_then_extras_then_third_party():
     assert [(row.label, row.branch) for row in table_c] == [
         ("Random init", ""),
         ("MoCov2", ""),
-        ("+ Ours (High-pass filtering)", "key"), ("+ Ours (High-pass filtering)", "query"),
-        ("+ Ours (Strong blurring)", "key"), ("+ Ours (Strong blurring)", "query"),
-        ("+ Ours (Mean filling)", "key"), ("+ Ours (Mean filling)", "query"),
+        ("+ Ours (High-pass filtering)", "key"),
+        ("+ Ours (High-pass filtering)", "query"),
+        ("+ Ours (Strong blurring)", "key"),
+        ("+ Ours (Strong blurring)", "query"),
+        ("+ Ours (Mean filling)", "key"),
+        ("+ Ours (Mean filling)", "query"),
         ("+ Ours (Strong blurring)", "both"),
         ("zz-torchvision", ""),
     ]  # supervised and SimCLR query-only rows are not part of the mask-branch ablation

@@ -31,10 +31,28 @@ MODELS = {  # short name -> model fields
     "supervised": {"base": "supervised"},
     "random": {"base": "random"},
     "moco": {"base": "mocov2"},
-    "moco_mscn": {"base": "mocov2", "masking": "mscn", "strategy": "hp", "mask_branch": "query", "input_filter": HP},
-    "moco_hp": {"base": "mocov2", "masking": "saliency", "strategy": "hp", "mask_branch": "query", "input_filter": HP},
+    "moco_mscn": {
+        "base": "mocov2",
+        "masking": "mscn",
+        "strategy": "hp",
+        "mask_branch": "query",
+        "input_filter": HP,
+    },
+    "moco_hp": {
+        "base": "mocov2",
+        "masking": "saliency",
+        "strategy": "hp",
+        "mask_branch": "query",
+        "input_filter": HP,
+    },
     "moco_blur": {"base": "mocov2", "masking": "saliency", "strategy": "blur", "mask_branch": "query"},
-    "moco_hp_key": {"base": "mocov2", "masking": "saliency", "strategy": "hp", "mask_branch": "key", "input_filter": HP},
+    "moco_hp_key": {
+        "base": "mocov2",
+        "masking": "saliency",
+        "strategy": "hp",
+        "mask_branch": "key",
+        "input_filter": HP,
+    },
     "simclr": {"base": "simclr"},
     "simclr_mean": {"base": "simclr", "masking": "saliency", "strategy": "mean", "mask_branch": "query"},
     "simclr_adios": {"base": "simclr", "masking": "adios", "mask_branch": "query"},
@@ -43,22 +61,46 @@ MODELS = {  # short name -> model fields
 
 
 def model(short: str) -> dict:
-    fields = {"masking": "none", "strategy": None, "mask_branch": None, "arch": "resnet18",
-              "input_filter": {"name": "none"}, "name": short, **MODELS[short]}
+    fields = {
+        "masking": "none",
+        "strategy": None,
+        "mask_branch": None,
+        "arch": "resnet18",
+        "input_filter": {"name": "none"},
+        "name": short,
+        **MODELS[short],
+    }
     return fields
 
 
-def write_result(root: Path, short: str, task: str, seed: int, value: float | dict | None = None, *,
-                 status: str = "ok", preset: str | None = "toy", protocol: str | None = None,
-                 finished: str | None = None, subdir: str = "records") -> Path:
+def write_result(
+    root: Path,
+    short: str,
+    task: str,
+    seed: int,
+    value: float | dict | None = None,
+    *,
+    status: str = "ok",
+    preset: str | None = "toy",
+    protocol: str | None = None,
+    finished: str | None = None,
+    subdir: str = "records",
+) -> Path:
     """One record for ``short`` on ``task``; every metric of the task gets ``value`` unless a dict is given."""
     metrics = {}
     if status == "ok":
         metrics = value if isinstance(value, dict) else {m: float(value) for m in TASKS[task]}
     record = make_record(
-        task=task, protocol=protocol or f"{preset or 'manual'}_{task}", seed=seed, model=model(short),
-        weights_path=f"/ckpt/{short}_{seed}.pth", weights_sha256=f"sha-{short}-{seed}", metrics=metrics,
-        config={"seed": seed}, status=status, error="RuntimeError: CUDA out of memory" if status == "failed" else None,
+        task=task,
+        protocol=protocol or f"{preset or 'manual'}_{task}",
+        seed=seed,
+        model=model(short),
+        weights_path=f"/ckpt/{short}_{seed}.pth",
+        weights_sha256=f"sha-{short}-{seed}",
+        metrics=metrics,
+        config={"seed": seed},
+        status=status,
+        error="RuntimeError: CUDA out of memory" if status == "failed" else None,
         extra={"preset": preset} if preset else {},
     )
     if finished:
@@ -80,7 +122,9 @@ def run(results: Path, *args: str, capsys=None) -> int:
     return main([str(results), "--no-figures", *args])
 
 
-def row_of(frame: pd.DataFrame, method: str, group: str | None = None, branch: str | None = None) -> pd.Series:
+def row_of(
+    frame: pd.DataFrame, method: str, group: str | None = None, branch: str | None = None
+) -> pd.Series:
     match = frame[frame.method == method]
     if group:
         match = match[match.group == group]
@@ -110,7 +154,9 @@ def test_paper_row_order_and_numbers_in_the_right_cells(tmp_path):
     linear(tmp_path, "moco", [60.0, 62.0, 64.5])
     linear(tmp_path, "simclr_mean", [70.0])
     linear(tmp_path, "supervised", [80.0])
-    write_result(tmp_path, "moco_hp", "voc_detection", 0, {"voc_AP": 40.0, "voc_AP50": 65.0, "voc_AP75": 41.5})
+    write_result(
+        tmp_path, "moco_hp", "voc_detection", 0, {"voc_AP": 40.0, "voc_AP50": 65.0, "voc_AP75": 41.5}
+    )
     assert run(tmp_path) == 0
 
     table_a = pd.read_csv(tmp_path / "tables" / "table_A.csv")
@@ -147,14 +193,17 @@ def test_mean_std_n_over_seeds_ignore_failed_seeds(tmp_path_factory, values, fai
     root = tmp_path_factory.mktemp("seeds")
     ok_values = [value for seed, value in enumerate(values) if seed not in failed]
     for seed, value in enumerate(values):
-        write_result(root, "simclr", "linear_imagenet100", seed, value, status="failed" if seed in failed else "ok")
+        write_result(
+            root, "simclr", "linear_imagenet100", seed, value, status="failed" if seed in failed else "ok"
+        )
     tables = build_tables(collect(root), PAPER)
     cell = tables["A"].cells.query("method == 'SimCLR' and metric == 'imagenet100_top1'").iloc[0]
     assert cell.n == len(ok_values)
     if ok_values:
         assert cell["mean"] == pytest.approx(statistics.fmean(ok_values))
         assert cell.status == "ok" and cell.seeds == ";".join(
-            str(s) for s in range(len(values)) if s not in failed)
+            str(s) for s in range(len(values)) if s not in failed
+        )
         if len(ok_values) > 1:
             assert cell["std"] == pytest.approx(statistics.stdev(ok_values))
         else:
@@ -211,12 +260,18 @@ def test_failed_runs_give_no_number_and_are_listed(tmp_path):
 
 
 def test_a_rerun_supersedes_a_failed_record_of_the_same_seed(tmp_path):
-    write_result(tmp_path, "moco", "linear_imagenet100", 0, status="failed", finished="2024-01-01T00:00:00+00:00")
+    write_result(
+        tmp_path, "moco", "linear_imagenet100", 0, status="failed", finished="2024-01-01T00:00:00+00:00"
+    )
     write_result(tmp_path, "moco", "linear_imagenet100", 0, 61.0, finished="2024-02-01T00:00:00+00:00")
     write_result(tmp_path, "moco", "linear_imagenet100", 1, 63.0)
     data = collect(tmp_path)
     assert data.failed == [] and len(data.superseded) == 1
-    cell = build_tables(data, PAPER)["A"].cells.query("method == 'MoCov2' and metric == 'imagenet100_top1'").iloc[0]
+    cell = (
+        build_tables(data, PAPER)["A"]
+        .cells.query("method == 'MoCov2' and metric == 'imagenet100_top1'")
+        .iloc[0]
+    )
     assert (cell["mean"], cell.n) == (62.0, 2)
 
 
@@ -226,8 +281,14 @@ def test_a_rerun_supersedes_a_failed_record_of_the_same_seed(tmp_path):
 def test_bold_marks_the_best_per_base_method_and_column(tmp_path):
     write_result(tmp_path, "supervised", "linear_imagenet100", 0, 99.0)  # higher, but not ranked
     write_result(tmp_path, "thirdparty", "linear_imagenet100", 0, 98.0)
-    for short, value in {"moco": 60.0, "moco_hp": 70.0, "moco_blur": 70.001, "moco_mscn": 65.0,
-                         "simclr": 72.0, "simclr_mean": 71.0}.items():
+    for short, value in {
+        "moco": 60.0,
+        "moco_hp": 70.0,
+        "moco_blur": 70.001,
+        "moco_mscn": 65.0,
+        "simclr": 72.0,
+        "simclr_mean": 71.0,
+    }.items():
         write_result(tmp_path, short, "linear_imagenet100", 0, value)
     write_result(tmp_path, "moco", "logreg_caltech101", 0, 50.0)  # alone in its block: nothing to beat
     assert run(tmp_path) == 0
@@ -257,7 +318,9 @@ def test_paper_column_and_difference(tmp_path):
     assert run(tmp_path) == 0
     versus = pd.read_csv(tmp_path / "tables" / "table_A_vs_paper.csv")
     for paper_row in PAPER["A"]:
-        row = row_of(versus, paper_row.method, "reference" if paper_row.base == "supervised" else paper_row.base)
+        row = row_of(
+            versus, paper_row.method, "reference" if paper_row.base == "supervised" else paper_row.base
+        )
         for metric, value in paper_row.values.items():
             assert row[f"{metric}_paper"] == pytest.approx(value)
     hp = row_of(versus, "+ Ours (High-pass filtering)", "mocov2")
@@ -273,11 +336,16 @@ def test_paper_column_and_difference(tmp_path):
     assert md["+ Ours (High-pass filtering), mask on key"][1:4] == ["50.00", "–", "–"]
     text = (tmp_path / "tables" / "table_A_vs_paper.md").read_text()
     assert "† The paper prints 21.99 (Caltech-101) and 20.29 (Flowers-102)" in text
-    assert "anomalous" in (tmp_path / "README.md").read_text() or "far below" in (tmp_path / "README.md").read_text()
+    assert (
+        "anomalous" in (tmp_path / "README.md").read_text()
+        or "far below" in (tmp_path / "README.md").read_text()
+    )
 
     table_c = pd.read_csv(tmp_path / "tables" / "table_C_vs_paper.csv", keep_default_na=False)
     key = table_c[(table_c.method == "+ Ours (High-pass filtering)") & (table_c.mask_branch == "key")].iloc[0]
-    assert float(key.imagenet100_top1_paper) == 52.25 and float(key.imagenet100_top1_diff) == pytest.approx(-2.25)
+    assert float(key.imagenet100_top1_paper) == 52.25 and float(key.imagenet100_top1_diff) == pytest.approx(
+        -2.25
+    )
 
 
 # ---------------------------------------------------------------------------------------------- files agree
@@ -307,9 +375,11 @@ def test_csv_markdown_latex_png_exist_and_agree(tmp_path):
             assert image.format == "PNG" and image.width > 600 and image.height > 300
         ours = pd.read_csv(out / "tables" / f"table_{key}.csv")
         md = md_rows((out / "tables" / f"table_{key}.md").read_text())
-        tex_rows = [line.removesuffix(r" \\").split(" & ") for line in
-                    (out / "tables" / f"table_{key}.tex").read_text().splitlines()
-                    if line.endswith(r"\\") and " & " in line and not line.startswith((" &", "Method"))]
+        tex_rows = [
+            line.removesuffix(r" \\").split(" & ")
+            for line in (out / "tables" / f"table_{key}.tex").read_text().splitlines()
+            if line.endswith(r"\\") and " & " in line and not line.startswith((" &", "Method"))
+        ]
         assert len(md) - 1 == len(ours) == len(tex_rows)
         metrics = [c for c in ours.columns if c in {m for ms in TASKS.values() for m in ms}]
         offset = 2 if key == "C" else 1
@@ -330,7 +400,11 @@ def test_csv_markdown_latex_png_exist_and_agree(tmp_path):
     pd.testing.assert_series_equal(joined["mean"], table_a["caltech101_acc"], check_names=False)
     readme = (out / "README.md").read_text()
     for key in "ABC":
-        for name in (f"tables/table_{key}.csv", f"tables/table_{key}_vs_paper.tex", f"figures/table_{key}.png"):
+        for name in (
+            f"tables/table_{key}.csv",
+            f"tables/table_{key}_vs_paper.tex",
+            f"figures/table_{key}.png",
+        ):
             assert f"]({name})" in readme
     assert "1 seed: " in readme and "2 seeds: " in readme and "3 seeds: " in readme
 
@@ -342,7 +416,7 @@ def test_latex_is_structurally_sound(tmp_path):
     for table in build_tables(data, PAPER).values():
         for comparison in (False, True):
             tex = render_latex(table, "toy", comparison)
-            body = tex[tex.index(r"\begin{table}"):]
+            body = tex[tex.index(r"\begin{table}") :]
             assert body.count("{") == body.count("}") and body.count("$") % 2 == 0
             n_columns = len(re.search(r"\\begin\{tabular\}\{([lr]+)\}", tex).group(1))
             for line in body.splitlines():
@@ -387,7 +461,10 @@ def test_corrupt_and_invalid_records_are_reported_and_excluded(tmp_path, capsys)
     warnings = capsys.readouterr().err
     assert "truncated.json" in warnings and "out_of_range.json" in warnings and "no_metrics.json" in warnings
     table_a = pd.read_csv(tmp_path / "tables" / "table_A.csv")
-    assert row_of(table_a, "MoCov2").imagenet100_top1 == 60.0 and row_of(table_a, "MoCov2").imagenet100_top1_n == 1
+    assert (
+        row_of(table_a, "MoCov2").imagenet100_top1 == 60.0
+        and row_of(table_a, "MoCov2").imagenet100_top1_n == 1
+    )
     readme = (tmp_path / "README.md").read_text()
     section = readme.split("### Invalid record files")[1].split("###")[0]
     assert ": 3" in section.splitlines()[0]
@@ -406,7 +483,9 @@ def test_toy_and_paper_presets_are_never_mixed(tmp_path, capsys):
     moco = row_of(pd.read_csv(tmp_path / "tables" / "table_A.csv"), "MoCov2")
     assert (moco.imagenet100_top1, moco.imagenet100_top1_n) == (41.0, 2)
     readme = (tmp_path / "README.md").read_text()
-    assert "# Results: preset `toy`" in readme and "### Records left out (other preset or protocol): 3" in readme
+    assert (
+        "# Results: preset `toy`" in readme and "### Records left out (other preset or protocol): 3" in readme
+    )
 
     assert run(tmp_path, "--preset", "paper") == 0
     moco = row_of(pd.read_csv(tmp_path / "tables" / "table_A.csv"), "MoCov2")
@@ -416,8 +495,16 @@ def test_toy_and_paper_presets_are_never_mixed(tmp_path, capsys):
 def test_untagged_records_with_two_protocols_need_a_choice(tmp_path, capsys):
     write_result(tmp_path, "moco", "linear_imagenet100", 0, 30.0, preset=None, protocol="toy_probe")
     write_result(tmp_path, "moco", "linear_imagenet100", 1, 32.0, preset=None, protocol="toy_probe")
-    write_result(tmp_path, "moco", "linear_imagenet100", 0, 68.0, preset=None, protocol="moco_probe_100ep",
-                 subdir="other")
+    write_result(
+        tmp_path,
+        "moco",
+        "linear_imagenet100",
+        0,
+        68.0,
+        preset=None,
+        protocol="moco_probe_100ep",
+        subdir="other",
+    )
     with pytest.raises(TablesInputError, match="mixes evaluation protocols"):
         collect(tmp_path)
     assert run(tmp_path) == 2
@@ -434,7 +521,11 @@ def test_third_party_checkpoint_gets_its_own_row_in_every_table(tmp_path):
     write_result(tmp_path, "thirdparty", "coco_instance", 0, 40.0)
     write_result(tmp_path, "moco", "linear_imagenet100", 0, 60.0)
     assert run(tmp_path) == 0
-    for key, metric, value in (("A", "flowers102_acc", 92.0), ("B", "coco_segm_AP75", 40.0), ("C", "imagenet100_top1", 90.0)):
+    for key, metric, value in (
+        ("A", "flowers102_acc", 92.0),
+        ("B", "coco_segm_AP75", 40.0),
+        ("C", "imagenet100_top1", 90.0),
+    ):
         table = pd.read_csv(tmp_path / "tables" / f"table_{key}.csv")
         last = table.iloc[-1]
         assert (last.method, last.group, last[metric]) == ("torchvision-R18", "external", value)
@@ -471,17 +562,46 @@ def test_saliency_source_reaches_records_and_keeps_models_apart(tmp_path):
     from pretrain.checkpoint import make_meta
     from transfer.records import model_from_meta
 
-    metas = [make_meta(arch="resnet18", method="mocov2", masking="saliency", strategy="hp", mask_branch="query",
-                       saliency_source=source) for source in ("momentum", "supervised_r50")]
+    metas = [
+        make_meta(
+            arch="resnet18",
+            method="mocov2",
+            masking="saliency",
+            strategy="hp",
+            mask_branch="query",
+            saliency_source=source,
+        )
+        for source in ("momentum", "supervised_r50")
+    ]
     models = [model_from_meta(meta, name="moco-hp") for meta in metas]  # same name on purpose
     assert [m["saliency_source"] for m in models] == ["momentum", "supervised_r50"]
     for seed, (meta_model, value) in enumerate(zip(models, (70.0, 74.0))):
-        record = make_record(task="linear_imagenet100", protocol="p", seed=seed, model=meta_model,
-                             weights_path="w", weights_sha256=str(seed), config={},
-                             metrics={"imagenet100_top1": value, "imagenet100_top5": 90.0})
+        record = make_record(
+            task="linear_imagenet100",
+            protocol="p",
+            seed=seed,
+            model=meta_model,
+            weights_path="w",
+            weights_sha256=str(seed),
+            config={},
+            metrics={"imagenet100_top1": value, "imagenet100_top5": 90.0},
+        )
         write_record(tmp_path / f"r{seed}.json", record)
     (tmp_path / "big.json").write_text(json.dumps({"predictions": "x" * (9 << 20)}))  # skipped unparsed
     table_a = build_tables(collect(tmp_path), PAPER)["A"].ours()
     hp = table_a[table_a.method.str.startswith("+ Ours (High-pass filtering)") & (table_a.group == "mocov2")]
     assert sorted(hp.imagenet100_top1) == [70.0, 74.0] and (hp.imagenet100_top1_n == 1).all()
     assert any("saliency source=supervised_r50" in label for label in hp.method)
+
+
+def test_index_reports_ssl_rows_that_do_not_beat_random_init(tmp_path):
+    linear(tmp_path, "random", [20.0, 22.0])
+    linear(tmp_path, "moco", [40.0])
+    linear(tmp_path, "simclr_mean", [21.5])  # 21.5 / 22.5 / 23.5 vs Random init 21 / 22 / 23: above
+    linear(tmp_path, "moco_hp", [20.5])  # 20.5 / 21.5 / 22.5 vs 21 / 22 / 23 -> below on all three
+    linear(tmp_path, "thirdparty", [1.0])  # not an SSL row of ours: not checked
+    assert run(tmp_path) == 0
+    section = (tmp_path / "README.md").read_text().split("## Sanity check")[1].split("##")[0]
+    assert "3 of 9 SSL cells of Table A are NOT above the Random init row" in section
+    assert "mocov2 · + Ours (High-pass filtering) · caltech101_acc: 21.50 <= Random init 22.00" in section
+    assert "torchvision" not in section and "SimCLR" not in section
