@@ -50,9 +50,7 @@ def _bold(text: str, fmt: str) -> str:
 
 def _cell_text(cell: pd.Series, row_max_n: int, fmt: str) -> str:
     if cell.status != "ok":
-        if cell.status == "missing":
-            return MISSING[fmt]
-        return cell.status if fmt == "md" else rf"\textit{{{cell.status}}}"
+        return _missing_or(cell.status, fmt)
     text = _number(cell["mean"])
     if cell.best:
         text = _bold(text, fmt)
@@ -112,7 +110,7 @@ def display_versus_paper(table: Table, fmt: str) -> pd.DataFrame:
             lambda c: _number(c["mean"]) if c.status == "ok" else _missing_or(c.status, fmt), axis=1
         )
         paper = part["paper"].map(lambda v: MISSING[fmt] if math.isnan(v) else _number(v))
-        marked = part["method"].map(
+        marked = part["paper_method"].map(
             lambda m, metric=column.metric: (table.spec.key, m, metric) in PAPER_NOTES
         )
         paper = paper.where(~marked, paper + NOTE_MARK[fmt])
@@ -127,6 +125,7 @@ def display_versus_paper(table: Table, fmt: str) -> pd.DataFrame:
 
 
 def _missing_or(status: str, fmt: str) -> str:
+    """The text of a cell without a number: "–" when nothing was recorded, else the status (failed/running)."""
     return MISSING[fmt] if status == "missing" else (status if fmt == "md" else rf"\textit{{{status}}}")
 
 

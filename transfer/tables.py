@@ -43,29 +43,9 @@ from transfer.table_layout import (
 )
 
 DISPLAY_DECIMALS = 2
-CELL_COLUMNS = (
-    "row",
-    "group",
-    "method",
-    "mask_branch",
-    "model",
-    "base",
-    "masking",
-    "strategy",
-    "arch",
-    "saliency_source",
-    "metric",
-    "task",
-    "protocol",
-    "mean",
-    "std",
-    "n",
-    "seeds",
-    "status",
-    "failed_seeds",
-    "paper",
-    "diff",
-    "best",
+CELL_COLUMNS = tuple(
+    "row group method mask_branch model base masking strategy arch saliency_source metric task protocol "
+    "mean std n seeds status failed_seeds paper paper_method diff best".split()
 )
 # Published values that look wrong but are what the paper prints: shown as published, flagged.
 PAPER_NOTES = {
@@ -156,6 +136,7 @@ def build_table(spec: TableSpec, data: ResultsData, paper_rows: list[PaperRow]) 
                     "status": cell.status,
                     "failed_seeds": ";".join(map(str, sorted(cell.failed))),
                     "paper": paper,
+                    "paper_method": row.paper.method if row.paper else "",
                     "diff": mean - paper,  # NaN when either side is missing
                     "best": False,
                 }

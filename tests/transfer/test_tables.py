@@ -9,8 +9,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -542,6 +545,20 @@ def test_masking_figures_are_linked_when_present(tmp_path):
     assert "](figures/masking_hp.png)" in (tmp_path / "README.md").read_text()
 
 
+def test_module_entry_point_runs(tmp_path):
+    linear(tmp_path, "moco", [60.0])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-m", "transfer.tables", str(tmp_path), "--no-figures"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "preset 'toy'" in done.stdout and (tmp_path / "README.md").is_file()
+
+
 def test_cli_help_and_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -558,7 +575,7 @@ def test_cli_help_and_clear_errors(tmp_path, capsys):
     assert "--paper" in capsys.readouterr().err
 
 
-def test_saliency_source_reaches_records_and_keeps_models_apart(tmp_path):
+def test_saliency_source_reaches_records_and_keeps_models_apart(tmp_path, monkeypatch):
     from pretrain.checkpoint import make_meta
     from transfer.records import model_from_meta
 
@@ -587,8 +604,11 @@ def test_saliency_source_reaches_records_and_keeps_models_apart(tmp_path):
             metrics={"imagenet100_top1": value, "imagenet100_top5": 90.0},
         )
         write_record(tmp_path / f"r{seed}.json", record)
-    (tmp_path / "big.json").write_text(json.dumps({"predictions": "x" * (9 << 20)}))  # skipped unparsed
-    table_a = build_tables(collect(tmp_path), PAPER)["A"].ours()
+    monkeypatch.setattr("transfer.results_data.BIG_JSON_BYTES", 500)  # records here are ~1 kB: still read
+    (tmp_path / "big.json").write_text("[" + "0," * 5000 + "oops")  # big, no schema in its head: not parsed
+    data = collect(tmp_path)
+    assert data.invalid == [] and len(data.winners) == 2
+    table_a = build_tables(data, PAPER)["A"].ours()
     hp = table_a[table_a.method.str.startswith("+ Ours (High-pass filtering)") & (table_a.group == "mocov2")]
     assert sorted(hp.imagenet100_top1) == [70.0, 74.0] and (hp.imagenet100_top1_n == 1).all()
     assert any("saliency source=supervised_r50" in label for label in hp.method)
