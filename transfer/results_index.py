@@ -56,6 +56,9 @@ def _seed_summary(tables: dict[str, Table]) -> str:
 def _missing_cells(tables: dict[str, Table]) -> list[str]:
     lines = []
     for key, table in tables.items():
+        if (table.cells.status == "missing").all():
+            lines.append(f"Table {key}: no record for any row yet")
+            continue
         for _row, cells in table.cells.groupby("row", sort=True):
             status = cells.set_index("metric")["status"]
             label = cells["method"].iloc[0] + (

@@ -240,6 +240,14 @@ def test_missing_cells_are_shown_as_missing_never_zero(tmp_path):
     table_b = pd.read_csv(tmp_path / "tables" / "table_B.csv")
     assert table_b[[c for c in table_b.columns if c in TASKS["voc_detection"]]].isna().all().all()
     assert (table_b["voc_AP_status"] == "missing").all()
+    missing = (tmp_path / "README.md").read_text().split("### Missing cells")[1].split("###")[0]
+    assert "- Table A, + ADIOS (mocov2): no record\n" in missing
+    assert (
+        "- Table A, + Ours (Strong blurring) (mocov2): no record for caltech101_acc, flowers102_acc"
+        in missing
+    )
+    assert "- Table B: no record for any row yet" in missing
+    assert "Table A, MoCov2 (mocov2)" not in missing  # complete: all three linear tasks recorded
 
 
 def test_failed_runs_give_no_number_and_are_listed(tmp_path):
