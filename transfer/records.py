@@ -5,6 +5,10 @@ Every transfer runner (detection, linear probe, logistic regression) writes one 
 the metrics (named as in ``results/paper/reference_results.csv``) and enough provenance to tell whether
 it is still valid for given inputs (weights hash, config hash, code version).
 
+The tables treat records with equal ``model`` fields (name included) as seeds of one model, so one model
+keeps one ``model.name`` across its seeds and tasks (``model_from_meta``'s default name does), and the
+benchmark driver tags each record with ``extra["preset"]`` so that presets are never mixed.
+
 Schema (``"schema": "masked-ssl-record/v1"``)::
 
     {
@@ -20,7 +24,8 @@ Schema (``"schema": "masked-ssl-record/v1"``)::
       "config": {...}, "config_hash": sha256 of config,
       "code_version": str, "device": str,
       "started": iso time, "finished": iso time, "wall_time_s": float,
-      "error": str (failed records only), "extra": {...}    # e.g. iteration reached, split, report summary
+      "error": str (failed records only), "extra": {...}    # e.g. iteration reached, split, report summary;
+                                                              # "preset": the benchmark preset (toy, paper, ...)
     }
 """
 
