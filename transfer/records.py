@@ -5,6 +5,10 @@ Every transfer runner (detection, linear probe, logistic regression) writes one 
 the metrics (named as in ``results/paper/reference_results.csv``) and enough provenance to tell whether
 it is still valid for given inputs (weights hash, config hash, code version).
 
+The tables treat records with equal ``model`` fields (name included) as seeds of one model, so one model
+keeps one ``model.name`` across its seeds and tasks (``model_from_meta``'s default name does), and the
+benchmark driver tags each record with ``extra["preset"]`` so that presets are never mixed.
+
 Schema (``"schema": "masked-ssl-record/v1"``)::
 
     {
@@ -13,13 +17,15 @@ Schema (``"schema": "masked-ssl-record/v1"``)::
       "seed": int,
       "model": {"name": row label, "base": "mocov2"|"simclr"|"supervised"|"random"|"external",
                 "masking": "none"|"saliency"|"mscn"|"adios", "strategy": "hp"|"blur"|"mean"|None,
-                "mask_branch": "query"|"key"|"both"|None, "arch": "resnet50", "input_filter": {...}},
+                "mask_branch": "query"|"key"|"both"|None, "arch": "resnet50", "input_filter": {...},
+                "saliency_source": str|None (saliency masking only; absent in older records)},
       "weights": {"path": str, "sha256": str},
       "metrics": {"voc_AP": 50.1, ...},        # percentages in [0, 100]
       "config": {...}, "config_hash": sha256 of config,
       "code_version": str, "device": str,
       "started": iso time, "finished": iso time, "wall_time_s": float,
-      "error": str (failed records only), "extra": {...}    # e.g. iteration reached, split, report summary
+      "error": str (failed records only), "extra": {...}    # e.g. iteration reached, split, report summary;
+                                                              # "preset": the benchmark preset (toy, paper, ...)
     }
 """
 
@@ -49,7 +55,7 @@ TASKS = {
     ),
 }
 STATUSES = ("ok", "failed", "running")
-MODEL_FIELDS = ("name", "base", "masking", "strategy", "mask_branch", "arch", "input_filter")
+MODEL_FIELDS = ("name", "base", "masking", "strategy", "mask_branch", "arch", "input_filter", "saliency_source")
 
 
 class RecordError(ValueError):
@@ -65,6 +71,7 @@ def model_from_meta(meta: dict[str, Any], name: str | None = None) -> dict[str, 
         "mask_branch": meta.get("mask_branch"),
         "arch": meta.get("arch"),
         "input_filter": meta.get("input_filter", {"name": "none"}),
+        "saliency_source": meta.get("saliency_source"),
     }
     model["name"] = name or default_model_name(model)
     return model
