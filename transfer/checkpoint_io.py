@@ -3,7 +3,9 @@
 Which reader runs is decided by the file's first bytes, not its suffix (a ``.pkl`` that is really a
 ``torch.save`` zip, or a ``.pth`` written by plain ``pickle``, both occur in the wild):
 
-* zip archive or legacy ``torch.save`` stream -> ``torch.load(weights_only=True)``;
+* zip archive or legacy ``torch.save`` stream -> ``torch.load(weights_only=True)``, numpy arrays and
+  scalars allowed; if other Python objects sit beside the weights (Lightning hyper-parameters, argparse
+  namespaces), they are left as inert placeholders (:mod:`transfer.inert_torch_load`);
 * anything else -> the restricted unpickler of :mod:`transfer.safe_pickle`.
 
 Neither can run code from the file. Files that are clearly not checkpoints (an HTML page saved by a
@@ -29,7 +31,8 @@ import numpy as np
 import torch
 
 from pretrain.checkpoint import CheckpointError, safe_torch_load
-from transfer.safe_pickle import restricted_pickle_loads
+from transfer.inert_torch_load import inert_torch_load
+from transfer.safe_pickle import ALLOWED_NUMPY_GLOBALS, numpy_dtype_classes, restricted_pickle_loads
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]  # torch.save before 1.6
@@ -51,8 +54,8 @@ class FlatTensors:
         return self.location[key][1]
 
 
-def read_weights_file(path: str | os.PathLike) -> tuple[Any, str]:
-    """Load ``path`` without running code from it; return (object, reader) with reader "torch"/"pickle"."""
+def read_weights_file(path: str | os.PathLike) -> tuple[Any, list[str]]:
+    """Load ``path`` without running code from it; return (object, notes about how it was read)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -65,30 +68,32 @@ def read_weights_file(path: str | os.PathLike) -> tuple[Any, str]:
         head = handle.read(64)
     if head.startswith(_ZIP_MAGIC):
         _refuse_torchscript(path)
-        return _torch_load(path, zipped=True), "torch"
+        return _torch_load(path)
     if head.startswith(_LEGACY_TORCH_MAGIC):
-        return _torch_load(path, zipped=False), "torch"
+        return _torch_load(path)
     _refuse_non_checkpoints(path, head)
-    return restricted_pickle_loads(path.read_bytes(), str(path)), "pickle"
+    return restricted_pickle_loads(path.read_bytes(), str(path)), []
 
 
-def _torch_load(path: Path, zipped: bool) -> Any:
-    """``safe_torch_load``, with the refused globals named when the file holds Python objects."""
+def _torch_load(path: Path) -> tuple[Any, list[str]]:
+    """``torch.load(weights_only=True)`` (numpy arrays/scalars allowed too); if the file also holds other
+    Python objects, load it again with those objects left as inert placeholders (see
+    :mod:`transfer.inert_torch_load`) and say so in the returned notes."""
+    numpy_globals = [(obj, f"{module}.{name}") for (module, name), obj in ALLOWED_NUMPY_GLOBALS.items()]
+    # torch only sets the state of objects whose exact type is allowed: numpy 2's dtype classes
+    numpy_globals += [(cls, f"numpy.dtypes.{cls.__name__}") for cls in numpy_dtype_classes()]
     try:
-        return safe_torch_load(path)
+        with torch.serialization.safe_globals(numpy_globals):
+            return safe_torch_load(path), []
     except CheckpointError as err:
-        if not isinstance(err.__cause__, pickle.UnpicklingError) or not zipped:
+        if not isinstance(err.__cause__, pickle.UnpicklingError):
             raise
-        try:
-            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-        except Exception:  # noqa: BLE001 - only used to improve the message
-            raise err from err.__cause__
-        raise CheckpointError(
-            f"refusing to load {path}: besides weights it holds Python objects that only code named by the file "
-            f"can rebuild ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}); loading them could run "
-            "that code. If you trust the file, re-save just its weights, e.g. python -c \"import torch; "
-            "c = torch.load('IN', weights_only=False); torch.save(c['state_dict'], 'OUT.pth')\"."
-        ) from err.__cause__
+    obj, placeholders = inert_torch_load(path)
+    if not placeholders:
+        return obj, []
+    shown = ", ".join(placeholders[:6]) + (" ..." if len(placeholders) > 6 else "")
+    return obj, [f"{len(placeholders)} kinds of Python objects in the file were not rebuilt (no code from the file "
+                 f"ran; they are not weights): {shown}"]
 
 
 def _refuse_non_checkpoints(path: Path, head: bytes) -> None:

@@ -172,6 +172,12 @@ def find_candidates(flat: FlatTensors) -> list[TrunkCandidate]:
     return found
 
 
+def candidate_prefixes(state_dict: dict[str, Any]) -> list[str]:
+    """Prefixes P of a flat state_dict under which a torchvision ResNet stem and first stage sit."""
+    flat = FlatTensors(tensors=dict(state_dict), location={k: ("", k) for k in state_dict})
+    return sorted({c.key_prefix for c in find_candidates(flat) if c.naming == "torchvision"})
+
+
 def candidate_at(flat: FlatTensors, key_prefix: str, naming: str) -> TrunkCandidate:
     """The trunk under ``key_prefix`` (whatever it holds), validated."""
     state: dict[str, Any] = {}
@@ -211,7 +217,7 @@ def _split_location(flat: FlatTensors, source: dict[str, str], key_prefix: str) 
     return "", key_prefix
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_resnet(arch).state_dict().items() if not k.startswith("fc.")}
 
@@ -385,7 +391,7 @@ def load_backbone(path: str | os.PathLike, format: str = "auto", prefix: str | N
     if format == "prefix" and prefix is None:
         raise ValueError("--format prefix needs --prefix P (the text before 'conv1.weight' in the trunk keys)")
     path = Path(path)
-    obj, _reader = read_weights_file(path)
+    obj, read_notes = read_weights_file(path)
     ours = is_suite_checkpoint(obj)
     if format == "ours" and not ours:
         raise CheckpointError(f"{path} is not one of the suite's checkpoints (no 'format': 'masked-ssl/v1'); "
@@ -412,7 +418,7 @@ def load_backbone(path: str | os.PathLike, format: str = "auto", prefix: str | N
     return Backbone(
         state_dict=state_dict, arch=chosen.arch, meta=meta, source_format=source_format, prefix=chosen.prefix,
         path=str(path), sha256=sha256_file(path), dropped_keys=sorted(dropped), container=chosen.container,
-        key_map=dict(chosen.source_keys), dropped_reasons=dropped, notes=notes + more_notes,
+        key_map=dict(chosen.source_keys), dropped_reasons=dropped, notes=notes + more_notes + read_notes,
         candidates=[c.summary() for c in candidates], source_tensor_count=len(flat.tensors),
     )
 

@@ -43,7 +43,7 @@ from transfer.d2names import is_bn_counter, torchvision_to_detectron2_names
 from transfer.safe_pickle import dumps_portable, load_detectron2_pickle
 
 __all__ = ["convert_to_detectron2", "export_torchvision", "torchvision_to_detectron2_names",
-           "load_detectron2_pickle", "detectron2_weights", "expected_preprocessing", "main"]
+           "load_detectron2_pickle", "conversion_provenance", "detectron2_weights", "expected_preprocessing", "main"]
 
 META_FIELDS = (*PRETRAIN_META_FIELDS, "normalize", "saliency_source")
 DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
@@ -203,9 +203,19 @@ def convert_to_detectron2(path: str | os.PathLike, output_pkl: str | os.PathLike
 
 
 def _verify(pkl: Path, arch: str, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
-    from transfer.verify import verify_detectron2
+    try:
+        from transfer.verify import verify_detectron2
 
-    return verify_detectron2(pkl, arch, expected=expected)
+        return verify_detectron2(pkl, arch, expected=expected)
+    except ModuleNotFoundError as err:
+        raise CheckpointError(f"cannot verify the conversion: {err} Or pass --no-verify (verify=False) to "
+                              "convert without loading the result into detectron2.") from err
+
+
+def conversion_provenance(pkl_path: str | os.PathLike) -> dict[str, Any]:
+    """The ``masked_ssl`` block of a converted ``.pkl`` (meta with input filter, source sha256 ...);
+    ``{}`` for detectron2 files this converter did not write. Read with the restricted unpickler."""
+    return dict(load_detectron2_pickle(pkl_path).get("masked_ssl") or {})
 
 
 def _existing_output_status(output_pkl: Path, backbone: Backbone, force: bool) -> str:

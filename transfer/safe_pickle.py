@@ -86,6 +86,13 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
 
 
 _ALLOWED_GLOBALS = _build_allowlist()
+# The numpy part, for torch files that store numpy arrays/scalars beside their tensors.
+ALLOWED_NUMPY_GLOBALS = {key: obj for key, obj in _ALLOWED_GLOBALS.items() if key[0].startswith("numpy")}
+
+
+def numpy_dtype_classes() -> list[type]:
+    """The classes of numpy's dtype instances (``numpy.dtypes.Float32DType`` ... under numpy 2)."""
+    return sorted({type(np.dtype(code)) for code in np.typecodes["All"]} - {np.dtype}, key=lambda c: c.__name__)
 
 
 class RestrictedUnpickler(pickle.Unpickler):

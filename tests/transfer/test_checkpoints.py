@@ -12,7 +12,13 @@ import torch
 from pretrain.backbones import build_resnet, trunk_state_dict
 from pretrain.checkpoint import CheckpointError
 from tests.transfer.checkpoint_layouts import LAYOUTS, random_trunk
-from transfer.checkpoints import AmbiguousTrunkError, Backbone, NotAResNetError, load_backbone
+from transfer.checkpoints import (
+    AmbiguousTrunkError,
+    Backbone,
+    NotAResNetError,
+    candidate_prefixes,
+    load_backbone,
+)
 
 EXPECTED_FORMAT = {
     "moco": "moco", "torchvision": "torchvision", "simclr": "simclr", "backbone": "backbone", "model": "prefix",
@@ -107,8 +113,10 @@ def test_wrong_prefix_lists_the_trunks_that_exist(layout_factory):
 
 def test_two_unrelated_trunks_are_ambiguous(tmp_path):
     path = tmp_path / "two.pth"
-    torch.save({**{f"net_a.{k}": v for k, v in random_trunk("resnet18", 0).items()},
-                **{f"net_b.{k}": v for k, v in random_trunk("resnet18", 1).items()}}, path)
+    state = {**{f"net_a.{k}": v for k, v in random_trunk("resnet18", 0).items()},
+             **{f"net_b.{k}": v for k, v in random_trunk("resnet18", 1).items()}}
+    torch.save(state, path)
+    assert candidate_prefixes(state) == ["net_a.", "net_b."]
     with pytest.raises(AmbiguousTrunkError, match=r"'net_a\.'.*'net_b\.'.*--prefix"):
         load_backbone(path)
     assert load_backbone(path, prefix="net_b.").prefix == "net_b."
@@ -261,6 +269,7 @@ def test_truncated_pickle_is_refused(layout_factory, tmp_path):
         load_backbone(truncated)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
 def test_not_checkpoints(tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "page.pth").write_bytes(b"<!DOCTYPE html><html><body>Google Drive - quota exceeded</body></html>")
@@ -304,3 +313,72 @@ def test_build_module_matches_torchvision(layout_factory):
     reference = build_resnet("resnet18")
     reference.load_state_dict(trunk)
     assert all(torch.equal(a, b) for a, b in zip(trunk_state_dict(module).values(), trunk_state_dict(reference).values()))
+
+
+# ------------------------------------------------------------- files with Python objects beside the weights
+
+FLAG_NAME = "hyperparameter_side_effect"
+
+
+def touch_flag(path):  # what unpickling the objects below would call; it must never run
+    open(path, "w").close()
+
+
+class HyperParameters(dict):
+    def __init__(self, flag, **values):
+        super().__init__(**values)
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return touch_flag, (self.flag,)
+
+
+class TrainingConfig:
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __setstate__(self, state):
+        touch_flag(state["flag"])
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_lightning_checkpoint_with_objects_loads_its_weights_and_runs_nothing(tmp_path, zipped):
+    import argparse
+
+    import numpy as np
+
+    flag = tmp_path / FLAG_NAME
+    trunk = random_trunk("resnet18")
+    checkpoint = {
+        "epoch": 3, "global_step": 10, "pytorch-lightning_version": "2.2.0",
+        "state_dict": {f"model.backbone.{k}": v for k, v in trunk.items()},
+        "hyper_parameters": {"args": argparse.Namespace(lr=0.1), "extra": HyperParameters(flag, a=1),
+                             "config": TrainingConfig(flag), "best": np.float64(0.5)},
+    }
+    path = tmp_path / "objects.ckpt"
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=zipped)
+    backbone = load_backbone(path)
+    assert_trunk_equals(backbone, trunk)
+    assert backbone.source_format == "lightning"
+    note = next(n for n in backbone.notes if "not rebuilt" in n)
+    assert "argparse.Namespace" in note and "touch_flag" in note and "TrainingConfig" in note
+    assert not flag.exists()
+
+
+def test_numpy_scalars_beside_weights_need_no_placeholders(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "scalar.pth"
+    torch.save({"state_dict": random_trunk("resnet18"), "best_acc1": np.float64(76.1), "lr": np.float32(0.1)}, path)
+    assert not any("not rebuilt" in n for n in load_backbone(path).notes)
+
+
+def test_inert_unpickler_cannot_set_attributes_of_classes():
+    import io
+
+    from transfer.inert_torch_load import _InertUnpickler
+
+    data = b"ctorch\nTensor\n}Vforged_attribute\nI1\nsb."
+    with pytest.raises(pickle.UnpicklingError, match="refusing to set the state"):
+        _InertUnpickler(io.BytesIO(data)).load()
+    assert not hasattr(torch.Tensor, "forged_attribute")
