@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import os
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,8 @@ def _is_trunk_key(key: str, layout: str) -> bool:
         return False
     if layout == "FPN":
         return key.startswith("backbone.bottom_up.")
-    # roi_heads.res5.norm.* is the extra norm layer some ROI heads add after res5: new, not converted
-    return key.startswith("backbone.") or (key.startswith("roi_heads.res5.") and not key.startswith("roi_heads.res5.norm."))
+    # only the numbered res5 blocks: an extra layer after res5 (the "extra norm" ROI head) is new, not converted
+    return key.startswith("backbone.") or re.match(r"roi_heads\.res5\.\d+\.", key) is not None
 
 
 def verify_detectron2(pkl_path: str | os.PathLike, arch: str, expected: dict[str, Any] | None = None,
@@ -106,64 +107,87 @@ def verify_detectron2(pkl_path: str | os.PathLike, arch: str, expected: dict[str
     import_detectron2()
     from detectron2.modeling import build_model
 
-    from transfer.d2checkpoint import SafeDetectionCheckpointer
-
-    pkl_path = Path(pkl_path)
-    if expected is None:
-        expected = load_detectron2_pickle(pkl_path)["model"]
-    expected = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
-                for k, v in expected.items() if not is_bn_counter(k)}
     results: dict[str, Any] = {}
     for layout in layouts or layouts_for(arch):
-        cfg = detectron2_config(arch, layout, norm=norm, freeze_at=freeze_at)
-        model = build_model(cfg).eval()
-        state = model.state_dict()  # shares storage with the model
-        trunk_keys = sorted(k for k in state if _is_trunk_key(k, layout))
-        with torch.no_grad():
-            for key in trunk_keys:
-                state[key].fill_(float("nan"))
-        checkpointer = SafeDetectionCheckpointer(model)
-        with _quiet_loading():
-            extra = checkpointer.load(str(pkl_path))
-        incompatible = checkpointer.last_incompatible
-        loaded_state = model.state_dict()
-        targets = {name: model_key(name, layout) for name in expected}
-        no_place = sorted(name for name, key in targets.items() if key not in loaded_state)
-        uncovered = sorted(set(trunk_keys) - set(targets.values()))
-        not_loaded, mismatched = [], []
-        for name, key in targets.items():
-            if key not in loaded_state:
-                continue
-            value = loaded_state[key]
-            source = expected[name].to(value.dtype)
-            if torch.isnan(value).any():
-                not_loaded.append(key)
-            elif value.shape != source.shape or not torch.equal(value, source):
-                mismatched.append(key)
-        loaded = len(targets) - len(no_place) - len(not_loaded) - len(mismatched)
-        total = len(set(trunk_keys) | set(targets.values()))
-        unexpected = sorted(getattr(incompatible, "unexpected_keys", []) or [])
-        shapes = [list(map(str, item)) for item in getattr(incompatible, "incorrect_shapes", []) or []]
-        results[layout] = {
-            "config": LAYOUT_CONFIGS[layout],
-            "norm": norm,
-            "freeze_at": freeze_at,
-            "loaded": loaded,
-            "expected": total,
-            "summary": f"backbone: {loaded}/{total} loaded",
-            "not_loaded": not_loaded,
-            "mismatched": mismatched,
-            "no_place_in_model": no_place,
-            "model_trunk_tensors_without_source": uncovered,
-            "unexpected_keys": unexpected,
-            "incorrect_shapes": shapes,
-            "other_top_level_keys": sorted(k for k in extra if k != "model"),
-            "passed": loaded == total and not (not_loaded or mismatched or no_place or uncovered or unexpected or shapes),
-        }
+        model = build_model(detectron2_config(arch, layout, norm=norm, freeze_at=freeze_at))
+        result = load_and_check(model, pkl_path, expected=expected, raise_on_failure=False)
+        results[layout] = {"config": LAYOUT_CONFIGS[layout], "norm": norm, "freeze_at": freeze_at, **result}
     report = {"passed": all(r["passed"] for r in results.values()), "arch": arch, "models": results}
     if raise_on_failure and not report["passed"]:
         raise VerificationError(f"{pkl_path} did not load completely into detectron2: {_failure_text(results)}")
     return report
+
+
+def layout_of(model: torch.nn.Module) -> str:
+    """"C4" when the model keeps res5 in its ROI head, "FPN" when the ResNet is ``backbone.bottom_up``."""
+    keys = model.state_dict().keys()
+    if any(k.startswith("roi_heads.res5.") for k in keys):
+        return "C4"
+    if any(k.startswith("backbone.bottom_up.") for k in keys):
+        return "FPN"
+    raise ValueError("the model has neither roi_heads.res5 (C4) nor backbone.bottom_up (FPN): not a layout "
+                     "this verification knows")
+
+
+def load_and_check(model: torch.nn.Module, pkl_path: str | os.PathLike, expected: dict[str, Any] | None = None,
+                   raise_on_failure: bool = True) -> dict[str, Any]:
+    """Load ``pkl_path`` into ``model`` (a detectron2 model, not DDP-wrapped) and prove every trunk tensor
+    arrived: trunk tensors are set to NaN first, loaded with :class:`SafeDetectionCheckpointer`, then
+    compared with ``expected`` (default: the file's arrays). The detection runner can use this on the model
+    it is about to train. Returns ``{"loaded", "expected", "summary": "backbone: N/N loaded", "passed", ...}``.
+    """
+    from transfer.d2checkpoint import SafeDetectionCheckpointer
+
+    pkl_path = Path(pkl_path)
+    layout = layout_of(model)
+    if expected is None:
+        expected = load_detectron2_pickle(pkl_path)["model"]
+    expected = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
+                for k, v in expected.items() if not is_bn_counter(k)}
+    state = model.state_dict()  # shares storage with the model
+    trunk_keys = sorted(k for k in state if _is_trunk_key(k, layout))
+    with torch.no_grad():
+        for key in trunk_keys:
+            state[key].fill_(float("nan"))
+    checkpointer = SafeDetectionCheckpointer(model)
+    with _quiet_loading():
+        extra = checkpointer.load(str(pkl_path))
+    incompatible = checkpointer.last_incompatible
+    loaded_state = model.state_dict()
+    targets = {name: model_key(name, layout) for name in expected}
+    no_place = sorted(name for name, key in targets.items() if key not in loaded_state)
+    uncovered = sorted(set(trunk_keys) - set(targets.values()))
+    not_loaded, mismatched = [], []
+    for name, key in targets.items():
+        if key not in loaded_state:
+            continue
+        value = loaded_state[key]
+        source = expected[name].to(device=value.device, dtype=value.dtype)
+        if torch.isnan(value).any():
+            not_loaded.append(key)
+        elif value.shape != source.shape or not torch.equal(value, source):
+            mismatched.append(key)
+    loaded = len(targets) - len(no_place) - len(not_loaded) - len(mismatched)
+    total = len(set(trunk_keys) | set(targets.values()))
+    unexpected = sorted(getattr(incompatible, "unexpected_keys", []) or [])
+    shapes = [list(map(str, item)) for item in getattr(incompatible, "incorrect_shapes", []) or []]
+    result = {
+        "layout": layout,
+        "loaded": loaded,
+        "expected": total,
+        "summary": f"backbone: {loaded}/{total} loaded",
+        "not_loaded": not_loaded,
+        "mismatched": mismatched,
+        "no_place_in_model": no_place,
+        "model_trunk_tensors_without_source": uncovered,
+        "unexpected_keys": unexpected,
+        "incorrect_shapes": shapes,
+        "other_top_level_keys": sorted(k for k in extra if k != "model"),
+        "passed": loaded == total and not (not_loaded or mismatched or no_place or uncovered or unexpected or shapes),
+    }
+    if raise_on_failure and not result["passed"]:
+        raise VerificationError(f"{pkl_path} did not load completely into the model: {_failure_text({layout: result})}")
+    return result
 
 
 def _failure_text(results: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from pretrain.backbones import build_resnet, trunk_state_dict
 
 ARCH_FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 # Every supported third-party layout: name -> how the file is written (see write_layout).
-LAYOUTS = ("moco", "torchvision", "simclr", "backbone", "model", "ddp", "lightning", "dino", "byol",
+LAYOUTS = ("moco", "mocov3", "timm", "torchvision", "simclr", "backbone", "model", "ddp", "lightning", "dino", "byol",
            "detectron2_pkl", "detectron2_model_c4", "numpy_pkl", "legacy_torch")
 
 
@@ -72,6 +72,13 @@ def write_layout(directory: Path, layout: str, arch: str = "resnet18", seed: int
                  "module.queue": torch.randn(8, 32), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
         obj = {"epoch": 200, "arch": arch, "state_dict": state,
                "optimizer": {"state": {0: {"momentum_buffer": torch.randn(3)}}, "param_groups": [{"lr": 0.03}]}}
+    elif layout == "mocov3":  # MoCo v3 (ResNet): base and momentum encoders, fc heads, predictor
+        state = {**_prefixed("module.base_encoder.", trunk), **_mlp("module.base_encoder.fc.", features),
+                 **_prefixed("module.momentum_encoder.", other), **_mlp("module.predictor.", 8, out=8)}
+        obj = {"epoch": 100, "arch": arch, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
+    elif layout == "timm":  # timm train.py: weights plus an EMA copy in a sibling container
+        obj = {"epoch": 5, "arch": arch, "state_dict": {**trunk, "fc.weight": torch.randn(10, features)},
+               "state_dict_ema": {**other, "fc.weight": torch.randn(10, features)}}
     elif layout == "torchvision":
         obj = {**trunk, "fc.weight": torch.randn(1000, features), "fc.bias": torch.randn(1000)}
     elif layout == "simclr":  # Spijkervet-style SimCLR port

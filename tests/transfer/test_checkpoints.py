@@ -21,12 +21,13 @@ from transfer.checkpoints import (
 )
 
 EXPECTED_FORMAT = {
-    "moco": "moco", "torchvision": "torchvision", "simclr": "simclr", "backbone": "backbone", "model": "prefix",
+    "moco": "moco", "mocov3": "moco", "timm": "torchvision", "torchvision": "torchvision", "simclr": "simclr", "backbone": "backbone", "model": "prefix",
     "ddp": "ddp", "lightning": "lightning", "dino": "backbone", "byol": "prefix", "detectron2_pkl": "detectron2",
     "detectron2_model_c4": "detectron2", "numpy_pkl": "torchvision", "legacy_torch": "torchvision",
 }
 EXPECTED_PREFIX = {  # (container, prefix) of the encoder that must be chosen
-    "moco": ("state_dict", "module.encoder_q."), "torchvision": ("", ""), "simclr": ("", "encoder."),
+    "moco": ("state_dict", "module.encoder_q."), "mocov3": ("state_dict", "module.base_encoder."),
+    "timm": ("state_dict", ""), "torchvision": ("", ""), "simclr": ("", "encoder."),
     "backbone": ("", "backbone."), "model": ("model", "model."), "ddp": ("", "module."),
     "lightning": ("state_dict", "model.backbone."), "dino": ("student", "module.backbone."),
     "byol": ("", "online_encoder.net."), "detectron2_pkl": ("model", ""),

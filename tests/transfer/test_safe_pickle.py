@@ -144,3 +144,33 @@ def test_load_detectron2_pickle_formats(tmp_path):
     bad.write_bytes(pickle.dumps({"model": {"w": [1, 2]}, "__author__": "x"}))
     with pytest.raises(CheckpointError, match="numpy arrays"):
         load_detectron2_pickle(bad)
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes byte strings the way Python 2 wrote ``str`` (BINSTRING opcodes), as in old model-zoo files."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        import struct
+
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def test_reads_python2_era_pickles():
+    import io
+
+    weights = {"res2.0.conv1.weight": np.arange(300, dtype=np.float32).reshape(3, 100), "counter": np.int64(3)}
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump({"model": {k.encode(): v for k, v in weights.items()}, "__author__": b"MSRA"})
+    data = buffer.getvalue().replace(b"numpy._core", b"numpy.core")
+    assert b"_codecs" not in data and b"numpy.core.multiarray" in data
+    loaded = restricted_pickle_loads(data)
+    assert loaded["__author__"] == "MSRA" and set(loaded["model"]) == set(weights)
+    assert np.array_equal(loaded["model"]["res2.0.conv1.weight"], weights["res2.0.conv1.weight"])

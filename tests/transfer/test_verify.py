@@ -68,3 +68,20 @@ def test_resnet50_res5_must_reach_the_c4_roi_head(tmp_path):
     expected["res5.2.conv3.weight"] = expected["res5.2.conv3.weight"] * 2
     bad = verify_detectron2(pkl, "resnet50", expected=expected, layouts=("C4",), raise_on_failure=False)
     assert bad["models"]["C4"]["mismatched"] == ["roi_heads.res5.2.conv3.weight"]
+
+
+def test_runner_model_with_extra_norm_after_res5_and_sync_bn(tmp_path):
+    """The detection runner's own model (naiveSyncBN, an extra norm layer appended to res5 as in MoCo's
+    Res5ROIHeadsExtraNorm) can be loaded and checked directly; the new layer is not a trunk tensor."""
+    from detectron2.layers import get_norm
+    from detectron2.modeling import build_model
+
+    from transfer.verify import detectron2_config, load_and_check
+
+    trunk = random_trunk("resnet50")
+    pkl = _write_pkl(tmp_path / "r50.pkl", trunk, arch="resnet50")
+    model = build_model(detectron2_config("resnet50", "C4", norm="naiveSyncBN"))
+    model.roi_heads.res5.add_module("norm", get_norm("naiveSyncBN", 2048))
+    result = load_and_check(model, pkl)
+    assert result["layout"] == "C4" and result["summary"] == "backbone: 265/265 loaded"
+    assert torch.equal(model.roi_heads.res5[2].conv3.norm.running_var, trunk["layer4.2.bn3.running_var"])
