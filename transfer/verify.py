@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import os
+import re
 from pathlib import Path
 from typing import Any
 
