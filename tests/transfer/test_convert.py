@@ -25,6 +25,7 @@ from transfer.convert import (
     export_torchvision,
     main,
 )
+from transfer.d2compat import import_detectron2
 from transfer.d2names import torchvision_to_detectron2_name
 from transfer.safe_pickle import load_detectron2_pickle
 
@@ -112,6 +113,7 @@ def test_stock_detectron2_checkpointer_ignores_the_extra_key(layout_factory, tmp
 
     path, trunk = layout_factory("torchvision")
     convert_to_detectron2(path, tmp_path / "tv.pkl", verify=False)
+    import_detectron2()
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
@@ -237,3 +239,36 @@ def test_malicious_pickle_input_to_cli_runs_nothing(tmp_path, capsys):
     assert main([str(evil), str(tmp_path / "out.pkl")]) == 1
     assert "could run code" in capsys.readouterr().err
     assert not flag.exists() and not (tmp_path / "out.pkl").exists()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_converted_detectron2_resnet_computes_the_same_features(tmp_path, arch):
+    """The strongest check of the name mapping: detectron2's ResNet (STRIDE_IN_1X1 False) with the
+    converted weights gives torchvision's layer1..layer4 outputs for the same input."""
+    import_detectron2()
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    from transfer.verify import detectron2_config
+
+    trunk = random_trunk(arch, seed=2)
+    source = tmp_path / "tv.pth"
+    torch.save(trunk, source)
+    convert_to_detectron2(source, tmp_path / "tv.pkl", verify=False)
+    weights = load_detectron2_pickle(tmp_path / "tv.pkl")["model"]
+
+    cfg = detectron2_config(arch, "FPN")
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    d2_resnet = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+    result = d2_resnet.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys)
+
+    tv_resnet = build_resnet(arch).eval()
+    tv_resnet.load_state_dict(trunk)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = d2_resnet(x)
+        y = tv_resnet.maxpool(tv_resnet.relu(tv_resnet.bn1(tv_resnet.conv1(x))))
+        for stage in range(1, 5):
+            y = getattr(tv_resnet, f"layer{stage}")(y)
+            torch.testing.assert_close(features[f"res{stage + 1}"], y, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ import torch
 
 from pretrain.backbones import build_resnet, trunk_state_dict
 from tests.transfer.checkpoint_layouts import random_trunk
+from transfer.d2compat import import_detectron2
 from transfer.d2names import torchvision_to_detectron2_names
 from transfer.safe_pickle import dumps_portable
 from transfer.verify import VerificationError, verify_detectron2
@@ -73,6 +74,7 @@ def test_resnet50_res5_must_reach_the_c4_roi_head(tmp_path):
 def test_runner_model_with_extra_norm_after_res5_and_sync_bn(tmp_path):
     """The detection runner's own model (naiveSyncBN, an extra norm layer appended to res5 as in MoCo's
     Res5ROIHeadsExtraNorm) can be loaded and checked directly; the new layer is not a trunk tensor."""
+    import_detectron2()
     from detectron2.layers import get_norm
     from detectron2.modeling import build_model
 
