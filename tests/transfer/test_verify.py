@@ -87,3 +87,26 @@ def test_runner_model_with_extra_norm_after_res5_and_sync_bn(tmp_path):
     result = load_and_check(model, pkl)
     assert result["layout"] == "C4" and result["summary"] == "backbone: 265/265 loaded"
     assert torch.equal(model.roi_heads.res5[2].conv3.norm.running_var, trunk["layer4.2.bn3.running_var"])
+
+
+def test_safe_checkpointer_resumes_detectron2_training_checkpoints(tmp_path):
+    """The detection runner resumes with SafeDetectionCheckpointer: detectron2's own training checkpoints
+    (model, optimizer, LR scheduler, iteration) load with weights_only=True."""
+    import_detectron2()
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_lr_scheduler, build_optimizer
+
+    from transfer.d2checkpoint import SafeDetectionCheckpointer
+    from transfer.verify import detectron2_config
+
+    cfg = detectron2_config("resnet18", "FPN")
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    SafeDetectionCheckpointer(model, str(tmp_path), optimizer=optimizer,
+                              scheduler=build_lr_scheduler(cfg, optimizer)).save("model_0000009", iteration=9)
+    fresh = build_model(cfg)
+    fresh_optimizer = build_optimizer(cfg, fresh)
+    checkpointer = SafeDetectionCheckpointer(fresh, str(tmp_path), optimizer=fresh_optimizer,
+                                             scheduler=build_lr_scheduler(cfg, fresh_optimizer))
+    assert checkpointer.resume_or_load("", resume=True)["iteration"] == 9
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
