@@ -1,50 +1,78 @@
-"""Checkpoint intake: find the ResNet trunk inside any supported checkpoint, safely.
+"""Checkpoint intake: find the one ResNet trunk inside any supported checkpoint, or refuse.
 
-Every transfer task reads weights through :func:`load_backbone`, so a checkpoint either loads
-completely (every trunk key present, shapes consistent) or fails with a message that says why. This is
-what makes "the prefix did not match and the transfer result is secretly a model trained from scratch"
-impossible.
+Every transfer task reads weights through :func:`load_backbone`. A checkpoint either yields a complete
+torchvision ResNet trunk (every weight and BN statistic present, shapes right, values finite) or fails
+with one message that says what is wrong and how to fix it. A prefix mismatch can therefore never turn
+a "transfer" result into a model trained from scratch.
 
-Supported inputs:
+How the trunk is found. Every tensor in the file gets a flat dotted name (``state_dict.module.encoder_q.
+layer1.0.conv1.weight``, see :mod:`transfer.checkpoint_io`). A *candidate* is a prefix ``P`` with a stem
+and a first stage under it, in torchvision names (``P + "conv1.weight"`` and ``P + "layer1.*"``) or in
+detectron2 names (``P + "stem.conv1.weight"`` and ``P + "res2.*"``; a C4 model's ``roi_heads.res5`` is
+joined on). A candidate is *complete* when its keys are exactly those of a torchvision ResNet-18/34/50/
+101 (``num_batches_tracked`` optional) with the right shapes. Candidates whose path has a momentum-copy
+word (``encoder_k``, ``momentum``, ``target``, ``teacher``, ``ema``, ``key``) are *momentum copies*.
 
-* ``ours``        the suite's own checkpoints (``pretrain.checkpoint``), metadata included;
-* ``moco``        ``{"state_dict": {"module.encoder_q.conv1.weight": ...}}`` (query encoder is used);
-* ``lightning``   ``{"state_dict": {"backbone.conv1.weight" | "model.backbone...": ...}, "pytorch-lightning_version"}``;
-* ``torchvision`` a plain ResNet state_dict (optionally with ``fc``), e.g. torchvision's supervised weights;
-* ``simclr``/other ports with ``encoder.`` / ``backbone.`` / ``model.`` / DDP ``module.`` prefixes;
-* ``prefix``      anything else, with an explicit ``prefix``.
+Rules, in order:
 
-``.pkl`` files are read with a restricted unpickler that only accepts plain containers and numpy
-arrays; ``.pth``/``.pt``/``.ckpt``/``.tar`` with ``torch.load(weights_only=True)``.
+1. ``--prefix P`` picks the trunk under ``P`` (also tried inside each container, e.g. ``state_dict.P``);
+   it must be complete.
+2. Our own checkpoints use their ``backbone`` entry.
+3. ``--format`` narrows the candidates (``moco``: ``encoder_q``/``base_encoder``; ``torchvision``: no
+   prefix; ``backbone``, ``ddp`` (``module.``), ``lightning``, ``detectron2``: see ``FORMATS``).
+4. Exactly one complete online (non-momentum) candidate: chosen. Several: an error listing them, unless
+   they hold identical weights. An online candidate exists but is incomplete: an error, never a silent
+   fall-back to the momentum copy. Only momentum copies (e.g. a released DINO teacher): the single
+   complete one is chosen, and the choice is stated in ``notes``.
+
+Every tensor not in the trunk is listed in ``dropped_keys`` with a reason (head, queue, momentum copy,
+training state ...). The search itself lives in :mod:`transfer.trunk_search`; reading files safely in
+:mod:`transfer.checkpoint_io`.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from pretrain.backbones import expected_trunk_keys, infer_arch
-from pretrain.checkpoint import CheckpointError, is_suite_checkpoint, safe_torch_load
+from pretrain.backbones import build_resnet
+from pretrain.checkpoint import IMAGENET_NORMALIZE, CheckpointError, is_suite_checkpoint
 from pretrain.fileio import sha256_file
 from pretrain.filters import normalize_filter_spec
+from transfer.checkpoint_io import flatten_tensors, read_weights_file, to_tensor
+from transfer.d2names import is_bn_counter
+from transfer.safe_pickle import restricted_pickle_load
+from transfer.trunk_search import (
+    FORMAT_HELP,
+    FORMATS,
+    MOCO_QUERY_ENCODERS,
+    MOMENTUM_WORDS,
+    AmbiguousTrunkError,
+    NotAResNetError,
+    TrunkCandidate,
+    candidate_at,
+    candidate_prefixes,
+    choose_trunk,
+    find_candidates,
+    is_lightning,
+    narrow_by_format,
+    reference_shapes,
+    resolve_prefix,
+)
 
-FORMATS = ("auto", "ours", "moco", "torchvision", "simclr", "lightning", "prefix")
-# Containers in which checkpoint writers nest the weights.
-STATE_CONTAINERS = ("state_dict", "model", "model_state_dict", "network", "net", "params", "module")
-# Prefixes of online encoders vs. momentum/teacher copies stored beside them (MoCo, BYOL, DINO ...).
-ONLINE_HINTS = ("encoder_q", "backbone.", "encoder.", "online", "student", "model.", "module.")
-MOMENTUM_HINTS = ("encoder_k", "momentum", "target", "teacher", "ema")
+__all__ = ["Backbone", "load_backbone", "FORMATS", "FORMAT_HELP", "NotAResNetError", "AmbiguousTrunkError",
+           "candidate_prefixes", "restricted_pickle_load", "PRETRAIN_META_FIELDS"]
 
-
-class NotAResNetError(CheckpointError):
-    """The checkpoint holds no complete torchvision ResNet trunk."""
+_HEAD_WORDS = ("projector", "projection", "proj", "head", "heads", "predictor", "prediction", "prototypes",
+               "mlp", "classifier", "fc", "linear")
+_TRAINING_CONTAINERS = frozenset({"training", "optimizer", "optimizer_states", "lr_schedulers", "scheduler",
+                                  "lr_scheduler", "scaler", "amp", "trainer", "callbacks", "loops"})
+PRETRAIN_META_FIELDS = ("arch", "method", "masking", "strategy", "mask_branch", "input_filter", "image_size",
+                        "seed")
 
 
 @dataclass
@@ -55,218 +83,159 @@ class Backbone:
     arch: str
     meta: dict[str, Any]
     source_format: str
-    prefix: str
+    prefix: str  # prefix of the trunk keys inside their container ("module.encoder_q.")
     path: str
     sha256: str
     dropped_keys: list[str] = field(default_factory=list)
+    container: str = ""  # dict path holding the trunk ("state_dict"; "backbone" for ours; "" = top level)
+    key_map: dict[str, str] = field(default_factory=dict)  # torchvision trunk key -> flat source key
+    dropped_reasons: dict[str, str] = field(default_factory=dict)  # flat source key -> why it was left out
+    notes: list[str] = field(default_factory=list)  # how the trunk was chosen, casts, filled counters
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every trunk found, complete or not
+    source_tensor_count: int = 0  # tensors in the file (mapped + dropped)
 
     @property
     def input_filter(self) -> dict[str, Any]:
         return normalize_filter_spec(self.meta.get("input_filter"))
 
+    @property
+    def key_prefix(self) -> str:
+        """Prefix in flat names (container path + prefix), e.g. ``state_dict.module.encoder_q.``."""
+        return f"{self.container}.{self.prefix}" if self.container else self.prefix
+
     def build_module(self) -> torch.nn.Module:
         """A torchvision ResNet (fc = identity) with exactly these weights (strict load)."""
-        from pretrain.backbones import build_resnet
-
         model = build_resnet(self.arch)
         model.load_state_dict(self.state_dict, strict=True)
         return model
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Allows plain containers, numpy arrays and scalars; anything else is refused before it runs."""
-
-    _ALLOWED = {
-        ("collections", "OrderedDict"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("builtins", "slice"),
-        ("builtins", "complex"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED or (module == "numpy" and name.endswith("DType")) or (
-            module.startswith("numpy.dtypes") and name.endswith("DType")
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
-
-
-def restricted_pickle_load(path: str | os.PathLike) -> Any:
-    """Read a ``.pkl`` file without executing code from it (containers and numpy arrays only)."""
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain weights pickle ({err}). Unpickling it could run "
-            "code from the file; convert it from its original .pth instead."
-        ) from err
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-        raise CheckpointError(f"cannot read {path}: truncated or corrupt pickle ({err})") from err
-
-
-def _read_file(path: Path) -> Any:
-    if path.suffix == ".pkl":
-        if not path.exists():
-            raise CheckpointError(f"checkpoint not found: {path}")
-        return restricted_pickle_load(path)
-    return safe_torch_load(path)
-
-
-def _as_tensor_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    if not isinstance(obj, dict) or not obj:
-        return None
-    tensors = {}
-    for key, value in obj.items():
-        if not isinstance(key, str):
-            return None
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value
-        elif isinstance(value, np.ndarray):
-            tensors[key] = torch.from_numpy(np.ascontiguousarray(value))
-    return tensors if len(tensors) >= len(obj) // 2 else None
-
-
-def _find_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
-    """Return (state_dict, container key) from the usual nestings."""
-    direct = _as_tensor_dict(obj)
-    if direct is not None:
-        return direct, ""
-    if isinstance(obj, dict):
-        for key in STATE_CONTAINERS:
-            nested = _as_tensor_dict(obj.get(key))
-            if nested is not None:
-                return nested, key
-    raise NotAResNetError(
-        "found no state_dict in the checkpoint (looked at the top level and under "
-        f"{', '.join(STATE_CONTAINERS)}); top-level keys: {_preview(obj)}"
-    )
-
-
-def _preview(obj: Any, limit: int = 8) -> str:
-    if isinstance(obj, dict):
-        keys = list(obj)[:limit]
-        return ", ".join(map(str, keys)) + (" ..." if len(obj) > limit else "")
-    return type(obj).__name__
-
-
-def candidate_prefixes(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Prefixes P for which ``P + "conv1.weight"`` looks like a ResNet stem (not a block's conv1)."""
-    prefixes = []
-    for key in state_dict:
-        if key.endswith("conv1.weight"):
-            prefix = key[: -len("conv1.weight")]
-            if f"{prefix}bn1.weight" in state_dict and f"{prefix}layer1.0.conv1.weight" in state_dict:
-                prefixes.append(prefix)
-    return sorted(set(prefixes))
-
-
-def _strip(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-def _complete_trunk(sub: dict[str, torch.Tensor]) -> tuple[str | None, list[str]]:
-    """(arch, missing keys) for a prefix-stripped dict."""
-    arch = infer_arch(sub)
-    if arch is None:
-        return None, []
-    missing = [k for k in expected_trunk_keys(arch) if k not in sub]
-    return arch, missing
-
-
-def _choose_prefix(state_dict: dict[str, torch.Tensor], prefixes: list[str]) -> str:
-    status = {p: _complete_trunk(_strip(state_dict, p)) for p in prefixes}
-    complete = [p for p, (arch, missing) in status.items() if arch and not missing]
-    if len(complete) == 1:
-        return complete[0]
-    if not complete:
-        detail = "; ".join(
-            f"'{p}': " + (f"missing {len(missing)} keys" if arch else "not a ResNet layout")
-            for p, (arch, missing) in status.items()
-        ) or "no ResNet stem (conv1/bn1/layer1) found"
-        raise NotAResNetError(f"no prefix holds a complete ResNet trunk ({detail})")
-    online = [p for p in complete if not any(h in p for h in MOMENTUM_HINTS)]
-    if len(online) == 1:
-        return online[0]
-    raise CheckpointError(
-        "several complete ResNet trunks in the checkpoint: "
-        + ", ".join(repr(p) for p in complete)
-        + ". Pass --prefix with the one you want."
-    )
+# ----------------------------------------------------------------------------------------------- intake
 
 
 def load_backbone(path: str | os.PathLike, format: str = "auto", prefix: str | None = None) -> Backbone:
     """Read the ResNet trunk of a checkpoint (see module docstring); raise CheckpointError if impossible."""
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'; choose one of {', '.join(FORMATS)}")
+    if format == "prefix" and prefix is None:
+        raise ValueError("--format prefix needs --prefix P (the text before 'conv1.weight' in the trunk keys)")
     path = Path(path)
-    obj = _read_file(path)
-    sha = sha256_file(path)
-
-    if is_suite_checkpoint(obj) and format in ("auto", "ours") and prefix is None:
-        meta = dict(obj["meta"])
-        state = dict(obj["backbone"])
-        arch, missing = _complete_trunk(state)
-        if arch is None or missing:
-            raise NotAResNetError(f"{path}: the checkpoint's backbone is incomplete (missing {missing[:5]})")
-        meta["input_filter"] = normalize_filter_spec(meta.get("input_filter"))
-        return Backbone(state, arch, meta, "ours", "", str(path), sha)
-    if format == "ours":
-        raise CheckpointError(f"{path} is not one of the suite's checkpoints; use --format auto")
-
-    state_dict, container = _find_state_dict(obj)
-    if prefix is None:
-        prefixes = candidate_prefixes(state_dict)
-        if format == "moco":
-            prefixes = [p for p in prefixes if "encoder_q" in p] or prefixes
-        prefix = _choose_prefix(state_dict, prefixes)
-    sub = _strip(state_dict, prefix)
-    arch, missing = _complete_trunk(sub)
-    if arch is None:
-        raise NotAResNetError(
-            f"{path}: keys under prefix '{prefix}' are not a torchvision ResNet trunk "
-            f"(first keys: {_preview(sub)})"
-        )
-    if missing:
-        raise NotAResNetError(f"{path}: prefix '{prefix}' is missing {len(missing)} trunk keys, e.g. {missing[:5]}")
-    expected = set(expected_trunk_keys(arch))
-    trunk = {k: v for k, v in sub.items() if k in expected}
-    dropped = sorted(k for k in state_dict if not (k.startswith(prefix) and k[len(prefix):] in expected))
-    _check_shapes(trunk, arch, path)
-    detected = _describe_format(obj, container, prefix) if format == "auto" else format
-    meta = {"method": "external", "arch": arch, "input_filter": {"name": "none"}, "source_format": detected}
-    return Backbone(trunk, arch, meta, detected, prefix, str(path), sha, dropped)
+    obj, read_notes = read_weights_file(path)
+    ours = is_suite_checkpoint(obj)
+    if format == "ours" and not ours:
+        raise CheckpointError(f"{path} is not one of the suite's checkpoints (no 'format': 'masked-ssl/v1'); "
+                              "use --format auto")
+    flat = flatten_tensors(obj)
+    candidates = find_candidates(flat)
+    if prefix is not None:
+        chosen = resolve_prefix(flat, prefix)
+        notes = [f"used trunk '{chosen.key_prefix}' given by --prefix '{prefix}' ({chosen.arch})"]
+    elif ours and format in ("auto", "ours"):
+        if "backbone" not in obj:
+            raise CheckpointError(f"{path} is missing its 'backbone' entry; the file is incomplete")
+        chosen = candidate_at(flat, "backbone.", "torchvision")
+        if not chosen.complete:
+            raise NotAResNetError(f"{path}: the checkpoint's backbone is not a complete trunk: {chosen.label()}")
+        notes = [f"suite checkpoint: used its 'backbone' entry ({chosen.arch})"]
+    else:
+        chosen, notes = choose_trunk(narrow_by_format(candidates, format, obj), flat)
+    state_dict, more_notes = _finalize_tensors(chosen, path)
+    source_format = _describe_format(obj, chosen, ours) if format == "auto" else format
+    meta = _meta_for(obj, chosen, source_format, ours)
+    used = set(chosen.source_keys.values())
+    dropped = {k: _drop_reason(k, chosen, candidates) for k in flat.tensors if k not in used}
+    return Backbone(
+        state_dict=state_dict, arch=chosen.arch, meta=meta, source_format=source_format, prefix=chosen.prefix,
+        path=str(path), sha256=sha256_file(path), dropped_keys=sorted(dropped), container=chosen.container,
+        key_map=dict(chosen.source_keys), dropped_reasons=dropped, notes=notes + more_notes + read_notes,
+        candidates=[c.summary() for c in candidates], source_tensor_count=len(flat.tensors),
+    )
 
 
-def _check_shapes(trunk: dict[str, torch.Tensor], arch: str, path: Path) -> None:
-    from pretrain.backbones import build_resnet
+def _finalize_tensors(chosen: TrunkCandidate, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Trunk tensors in torchvision order, float32, BN counters filled in; refuse non-finite weights."""
+    notes, casts, filled, nonfinite = [], set(), [], []
+    state: dict[str, torch.Tensor] = {}
+    for key in reference_shapes(chosen.arch):
+        if key not in chosen.state:  # only BN counters can be absent (checked by _validate)
+            state[key] = torch.tensor(0, dtype=torch.long)
+            filled.append(key)
+            continue
+        tensor = to_tensor(chosen.state[key], chosen.source_keys[key])
+        if is_bn_counter(key):
+            state[key] = tensor.to(torch.long).reshape(())
+            continue
+        if not tensor.is_floating_point():
+            raise NotAResNetError(f"{path}: '{chosen.source_keys[key]}' has dtype {tensor.dtype}; trunk weights must "
+                                  "be floating point (quantized models are not supported)")
+        if tensor.dtype != torch.float32:
+            casts.add(str(tensor.dtype).replace("torch.", ""))
+            tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            nonfinite.append(chosen.source_keys[key])
+        state[key] = tensor.contiguous()
+    if nonfinite:
+        raise CheckpointError(f"{path}: {len(nonfinite)} trunk tensors contain NaN or inf, e.g. {nonfinite[:3]} "
+                              "(did training diverge?). Use an earlier checkpoint.")
+    if casts:
+        notes.append(f"cast {', '.join(sorted(casts))} weights to float32")
+    if filled:
+        notes.append(f"{len(filled)} BatchNorm num_batches_tracked counters were absent (older PyTorch); set to 0")
+    return state, notes
 
-    reference = build_resnet(arch).state_dict()
-    wrong = [
-        f"{k}: {tuple(v.shape)} (expected {tuple(reference[k].shape)})"
-        for k, v in trunk.items()
-        if tuple(v.shape) != tuple(reference[k].shape)
-    ]
-    if wrong:
-        raise NotAResNetError(f"{path}: tensor shapes do not match a torchvision {arch}: " + "; ".join(wrong[:5]))
 
-
-def _describe_format(obj: Any, container: str, prefix: str) -> str:
-    if isinstance(obj, dict) and any("lightning" in str(k) for k in obj):
+def _describe_format(obj: Any, chosen: TrunkCandidate, ours: bool) -> str:
+    words = [w for w in chosen.key_prefix.split(".") if w]
+    if ours:
+        return "ours"
+    if chosen.naming == "detectron2":
+        return "detectron2"
+    if is_lightning(obj):
         return "lightning"
-    if "encoder_q" in prefix:
+    if any(q in words for q in MOCO_QUERY_ENCODERS):
         return "moco"
-    if prefix == "" and container in ("", "state_dict", "model"):
+    if chosen.prefix == "":
         return "torchvision"
-    if any(tag in prefix for tag in ("encoder.", "backbone.", "model.", "module.")):
-        return "simclr" if "encoder" in prefix else "prefix"
+    if "encoder" in words:
+        return "simclr"
+    if "backbone" in words:
+        return "backbone"
+    if chosen.prefix.startswith("module."):
+        return "ddp"
     return "prefix"
 
+
+def _meta_for(obj: Any, chosen: TrunkCandidate, source_format: str, ours: bool) -> dict[str, Any]:
+    if ours:
+        meta = dict(obj["meta"])
+    elif isinstance(obj, dict) and isinstance(obj.get("masked_ssl"), dict) and isinstance(
+        obj["masked_ssl"].get("meta"), dict
+    ):  # a .pkl written by transfer.convert: the original checkpoint's metadata travels with it
+        meta = dict(obj["masked_ssl"]["meta"])
+    else:
+        meta = {"method": "external", "masking": "none", "strategy": None, "mask_branch": None,
+                "input_filter": {"name": "none"}, "normalize": dict(IMAGENET_NORMALIZE)}
+    if meta.get("arch") not in (None, chosen.arch):
+        raise CheckpointError(f"the checkpoint's metadata says arch {meta['arch']} but its weights are a {chosen.arch}")
+    meta["arch"] = chosen.arch
+    meta["input_filter"] = normalize_filter_spec(meta.get("input_filter"))
+    meta.setdefault("source_format", source_format)
+    return meta
+
+
+def _drop_reason(key: str, chosen: TrunkCandidate, candidates: list[TrunkCandidate]) -> str:
+    if key.split(".", 1)[0] in _TRAINING_CONTAINERS:
+        return "training state (optimizer / resume data)"
+    for other in candidates:
+        if other.key_prefix != chosen.key_prefix and key in other.source_keys.values():
+            return "momentum/teacher copy of the encoder" if other.momentum else "another ResNet trunk (not chosen)"
+    words = {w for part in key.lower().split(".") for w in part.split("_")}
+    if key.startswith(chosen.key_prefix) and key[len(chosen.key_prefix):].startswith("fc."):
+        return "classifier / projection head of the encoder (fc)"
+    if "queue" in words:
+        return "MoCo negative-sample queue"
+    if words & set(_HEAD_WORDS) or "stem.fc." in key:
+        return "projection / prediction / classification head"
+    if words & MOMENTUM_WORDS:
+        return "momentum/teacher copy"
+    return "not part of the ResNet trunk"
