@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -385,9 +386,22 @@ def write_flowers(root: Path, config: ToyWorldConfig) -> dict:
         _save_jpeg(classification_scene(c, config, rng, (w, h), distractor_p=0.0), base / "jpg" / f"image_{image_id:05d}.jpg")
         labels.append(c + 1)
         split_ids[split].append(image_id)
-    scipy.io.savemat(base / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
-    scipy.io.savemat(base / "setid.mat", {k: np.array([v], dtype=np.uint16) for k, v in split_ids.items()})
+    _save_mat(base / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
+    _save_mat(base / "setid.mat", {k: np.array([v], dtype=np.uint16) for k, v in split_ids.items()})
     return {"train": n_train * config.num_classes, "val": n_val * config.num_classes, "test": n_test * config.num_classes}
+
+
+MAT_HEADER_TEXT = b"MATLAB 5.0 MAT-file, written by masked-contrastive-ssl toy world"
+
+
+def _save_mat(path: Path, variables: dict) -> None:
+    """``scipy.io.savemat`` with a fixed header: scipy stamps the creation time into the 116-byte text
+    field, which would make two worlds of the same seed differ byte for byte."""
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, variables)
+    data = bytearray(buffer.getvalue())
+    data[:116] = MAT_HEADER_TEXT.ljust(116, b" ")
+    path.write_bytes(bytes(data))
 
 
 def _voc_annotation(file_id: str, year: str, image: Image.Image, objects: list[DrawnObject], names: list[str]) -> bytes:
