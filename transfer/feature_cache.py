@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ class FeatureCache:
             with np.load(path, allow_pickle=False) as content:
                 stored_key = json.loads(str(content["key"]))
                 features, labels = content["features"], content["labels"]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # JSONDecodeError is a ValueError
             return None  # truncated or foreign file: recompute and overwrite it
         if stored_key != json.loads(json.dumps(key)) or len(features) != len(labels):
             return None
