@@ -39,14 +39,6 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def broadcast_object(self, obj: object) -> object:
-        """Rank 0's value of ``obj`` on every rank (e.g. a decision only rank 0 may take)."""
-        if not self.distributed:
-            return obj
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
