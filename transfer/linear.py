@@ -218,6 +218,12 @@ def _run(dataset, task, cfg, ctx, timer, weights, *, data_root, seed, out, name,
     """The body of :func:`run_linear` inside its process context and thread setting."""
     backbone = _load_weights(weights)
     model = rec.model_from_meta(backbone.meta, name)
+    warnings = []
+    if backbone.meta.get("finished") is False:
+        warnings.append(f"{weights} is an unfinished pretraining checkpoint (epoch {backbone.meta.get('epoch')} of "
+                        f"{backbone.meta.get('epochs')}); transfer tasks normally take the run's final.pth")
+        if ctx.is_main:
+            print(f"warning: {warnings[-1]}", file=sys.stderr)
     out = Path(out) if out else default_out_dir(task, model["name"], seed)
     data, data_info = read_dataset(dataset, data_root or DEFAULT_DATA_ROOT, cfg, out, write_split=ctx.is_main)
     config_for_record = {**protocol_config(cfg), "data": {"fingerprint": data.fingerprint(),
@@ -238,7 +244,7 @@ def _run(dataset, task, cfg, ctx, timer, weights, *, data_root, seed, out, name,
         metrics, extra = _run_probe(backbone, data, cfg, out, identity, seed, ctx, progress, on_epoch_end)
     else:
         metrics, extra = _run_logreg(dataset, backbone, data, cfg, out, ctx, progress)
-    extra = {"preset": preset, "data": data_info, "weights_notes": backbone.notes,
+    extra = {"preset": preset, "data": data_info, "weights_notes": backbone.notes, "warnings": warnings,
              "timings_s": {"setup": round(setup_s, 3), "protocol": round(timer.elapsed() - setup_s, 3)}, **extra}
     result = rec.make_record(task=task, protocol=str(cfg["protocol"]), seed=seed, model=model,
                              weights_path=backbone.path, weights_sha256=backbone.sha256, metrics=metrics,
