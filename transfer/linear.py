@@ -88,8 +88,31 @@ def load_linear_config(dataset: str, config: str | Path = "paper", overrides: Se
         raise LinearEvalError(f"bad config {path} or override {list(overrides)}: {str(err).splitlines()[0]}") from err
     if cfg.get("dataset") != dataset:
         raise LinearEvalError(f"config {path} is for dataset '{cfg.get('dataset')}', not '{dataset}'")
+    changed = _protocol_overrides(OmegaConf.to_container(base, resolve=True), cfg, overrides)
+    if changed and not any(o.split("=", 1)[0].strip() == "protocol" for o in overrides):
+        # Numbers from a changed protocol are not those of the named one: the tables must keep them apart.
+        cfg["protocol"] = "+".join([str(cfg["protocol"]), *changed])
     cfg["_source"] = str(path)
     return cfg
+
+
+def _protocol_overrides(base: dict[str, Any], merged: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """``key=value`` for each override that changes a protocol value (``runtime.*`` does not)."""
+    changed = []
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key.startswith("runtime.") or key in ("runtime", "protocol"):
+            continue
+        old, new = _lookup(base, key), _lookup(merged, key)
+        if old != new:
+            changed.append(f"{key}={json.dumps(new, separators=(',', ':')) if isinstance(new, list) else new}")
+    return sorted(set(changed))
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def protocol_config(cfg: dict[str, Any]) -> dict[str, Any]:
