@@ -20,11 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pretrain.backbones import build_resnet, trunk_state_dict
-from pretrain.checkpoint import make_meta, save_checkpoint
 from pretrain.fileio import atomic_write_json
+from pretrain.random_init import random_init_checkpoint
 from transfer.checkpoints import load_backbone
 from transfer.linear import DATASETS, TASK_OF, LinearEvalError, run_linear
 from transfer.records import TASKS
@@ -33,13 +30,9 @@ MAIN_METRIC = {"imagenet100": "imagenet100_top1", "caltech101": "caltech101_acc"
 
 
 def random_init_like(weights: Path, out: Path, seed: int = 0) -> Path:
-    """A random-init checkpoint (suite format, method ``random``) of the same architecture as ``weights``."""
+    """The random-init sanity checkpoint (:mod:`pretrain.random_init`) of the same architecture as ``weights``."""
     arch = load_backbone(weights).arch
-    path = out / f"random_init_{arch}_seed{seed}.pth"
-    if not path.exists():
-        torch.manual_seed(seed)
-        save_checkpoint(path, trunk_state_dict(build_resnet(arch)), make_meta(arch=arch, method="random", seed=seed))
-    return path
+    return random_init_checkpoint(out / f"random_init_{arch}_seed{seed}.pth", arch=arch, seed=seed)
 
 
 def bench(weights: list[Path], data_root: Path, out: Path, config: str = "toy", datasets=DATASETS,
