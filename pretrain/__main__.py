@@ -1,0 +1,64 @@
+"""python -m pretrain CONFIG.yaml [key=value ...] [--force]
+
+Pretrain a backbone with MoCo v2 or SimCLR, plain or with saliency-guided masking (WACV 2024), from a
+config in configs/pretrain/ plus key=value overrides (e.g. data.root=/data/imagenet100 train.epochs=10).
+
+Runs on one process or under torchrun (one or several nodes):
+    torchrun --nproc_per_node 8 -m pretrain configs/pretrain/paper/mocov2_hp.yaml data.root=...
+
+The run directory (out_dir, default runs/pretrain/<config name>) receives config.yaml, checkpoint_last.pth
+(for resume=auto), final.pth (what transfer tasks take), metrics.jsonl, log.txt, tb/ and pictures/.
+Rerunning an interrupted run continues it exactly; a finished run is left alone unless --force.
+See docs/pretraining.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.checkpoint import CheckpointError
+from pretrain.config import ConfigError, load_config
+from pretrain.data import DataError
+from pretrain.rundir import RunDirError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config, e.g. configs/pretrain/toy/mocov2_hp.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides in dotted form, e.g. train.epochs=10 data.batch_size=64")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite the run directory even if it holds a finished or unfinished run")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            from pretrain.config import to_yaml
+
+            print(to_yaml(cfg), end="")
+            return 0
+        from pretrain.engine import TrainingError, train
+
+        final = train(cfg, force=args.force)
+    except (ConfigError, DataError, RunDirError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    print(final)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

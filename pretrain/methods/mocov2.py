@@ -1,0 +1,169 @@
+"""MoCo v2 (Chen et al. 2020) with the paper's saliency-guided masking and hard negatives.
+
+Query encoder (trained) and momentum key encoder, 2-layer MLP head, InfoNCE over the positive key and a
+queue of past keys, temperature 0.2. With masking the query (or the key) view is masked by saliency and
+each sample adds ``num_hard_negatives`` FG-masked copies of its key view, encoded by the key encoder,
+to its negatives with weight ``alpha`` (SPEC 1.2).
+
+Shuffle-BN: on several processes the key batch is shuffled across processes before the key forward
+(MoCo's recipe); on one process both encoders use split batch-norm over ``bn_splits`` sub-batches and
+the key batch is shuffled before its forward, the standard single-device substitute. ``shuffle_bn``
+picks it (``auto``: across processes when there are several, else split); the choice is logged and
+recorded in the checkpoint meta (``shuffle_bn``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain import distributed
+from pretrain.encoder import Encoder, batch_stats_frozen
+from pretrain.guided_masking import GuidedMasking
+from pretrain.losses import contrastive_accuracy, contrastive_loss, moco_logits
+from pretrain.methods.base import Method
+from pretrain.split_bn import convert_to_split_bn
+from pretrain.stepping import StepOutput, StepRunner
+
+
+@dataclass
+class MoCoV2Config:
+    queue_size: int = 65536
+    momentum: float = 0.999
+    temperature: float = 0.2
+    head_hidden_dim: int | None = None  # default: the trunk's feature dimension (2048 for R50)
+    head_out_dim: int = 128
+    shuffle_bn: str = "auto"  # auto | ddp (shuffle across processes) | split (split BN) | none
+    bn_splits: int = 8
+
+
+class MoCoV2(Method):
+    name = "mocov2"
+    Config = MoCoV2Config
+
+    def __init__(self, cfg: Any, world: distributed.World, num_classes: int):
+        super().__init__(cfg, world, num_classes)
+        opts = self.options
+        self.temperature, self.momentum = float(opts.temperature), float(opts.momentum)
+        self.encoder_q = Encoder(self.arch, opts.head_hidden_dim, int(opts.head_out_dim),
+                                 zero_init_residual=bool(cfg.model.zero_init_residual))
+        self.shuffle_bn = self._choose_shuffle_bn(str(opts.shuffle_bn), world)
+        if self.shuffle_bn == "split":
+            convert_to_split_bn(self.encoder_q, int(opts.bn_splits))
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        queue = F.normalize(torch.randn(int(opts.queue_size), int(opts.head_out_dim)), dim=1)
+        self.register_buffer("queue", queue)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.masking = GuidedMasking(cfg, self._saliency_activation, world.device)
+        self.input_filter = self.masking.input_filter
+        base_seed = int(cfg.seed) * 1000 + world.rank
+        self.mask_generator = self.make_generator("masking", base_seed + 1)
+        self.shuffle_generator = torch.Generator().manual_seed(int(cfg.seed) * 1000 + 7)  # same on all ranks
+        self.generators["shuffle"] = self.shuffle_generator
+
+    def _choose_shuffle_bn(self, requested: str, world: distributed.World) -> str:
+        if requested == "auto":
+            return "ddp" if world.distributed else "split"
+        if requested == "ddp" and not world.distributed:
+            raise ValueError("mocov2.shuffle_bn=ddp needs several processes (torchrun); use auto or split")
+        if requested not in ("ddp", "split", "none"):
+            raise ValueError(f"mocov2.shuffle_bn must be auto, ddp, split or none, got '{requested}'")
+        if requested == "split" and self.cfg.data.batch_size // world.world_size % int(self.options.bn_splits):
+            raise ValueError(f"split batch-norm needs the per-process batch divisible by mocov2.bn_splits "
+                             f"({self.options.bn_splits}); change data.batch_size or mocov2.bn_splits")
+        return requested
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def backbone(self) -> nn.Module:
+        return self.encoder_q.trunk
+
+    def _saliency_activation(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), batch_stats_frozen(self.encoder_k):
+            return self.encoder_k.activation(images)
+
+    @torch.no_grad()
+    def _encode_keys(self, images: torch.Tensor, need_activation: bool):
+        """Key forward with shuffle-BN (or its substitute); outputs in the original sample order."""
+        if self.shuffle_bn == "none":
+            if need_activation:
+                return self.encoder_k(images, with_activation=True)
+            return self.encoder_k(images), None
+        # One process ("split"): the permutation is local and only moves samples between BN sub-batches.
+        shuffled, inverse = distributed.shuffle_across_processes(images, self.shuffle_generator)
+        keys, activation = self.encoder_k(shuffled, with_activation=True)
+        keys = distributed.unshuffle_across_processes(keys, inverse)
+        activation = distributed.unshuffle_across_processes(activation, inverse) if need_activation else None
+        return keys, activation
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        for q, k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            k.mul_(self.momentum).add_(q.detach(), alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        keys = distributed.gather_no_grad(keys)
+        size = self.queue.shape[0]
+        ptr = int(self.queue_ptr)
+        index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
+        self.queue[index] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
+
+    # ------------------------------------------------------------------------------------------- step
+
+    def forward(self, batch: Any, phase: str = "main") -> StepOutput:
+        timer = self.timer
+        prepared = self.masking.prepare(batch, self._encode_keys, self.mask_generator, timer)
+        keys = prepared.key_embedding
+        hard = None
+        if prepared.negatives is not None:
+            with timer("hard_negative_forward"), torch.no_grad():
+                hard = self.encoder_k(prepared.negatives)
+        with timer("query_forward"):
+            queries = self.encoder_q(prepared.query)
+        with timer("loss"):
+            logits, labels = moco_logits(
+                queries.float(), keys.float(), self.queue.clone().detach(), self.temperature,
+                hard_negatives=None if hard is None else hard.float(), alpha=self.masking.alpha,
+                sample0_negative=bool(self.cfg.compat.released_code),
+            )
+            loss = contrastive_loss(logits, labels)
+            self._enqueue(keys)
+        metrics = {"contrastive_acc": contrastive_accuracy(logits.detach(), labels), **prepared.metrics()}
+        return StepOutput(loss, metrics)
+
+    def after_step(self, runner: StepRunner) -> None:
+        self._momentum_update()
+
+    # ------------------------------------------------------------------------------------ reporting
+
+    def attach_dataset(self, files: list[str], build: bool) -> None:
+        self.masking.attach_dataset(files, self.cfg, self.world.device, build)
+
+    def meta(self) -> dict[str, Any]:
+        return {"method": self.name, **self.masking.meta(), "shuffle_bn": self.shuffle_bn,
+                "released_code": bool(self.cfg.compat.released_code)}
+
+    def describe(self) -> list[str]:
+        lines = {
+            "ddp": "shuffle-BN: key batch shuffled across processes (MoCo's recipe)",
+            "split": f"shuffle-BN substitute on one process: split batch-norm over {self.options.bn_splits} "
+                     "sub-batches in both encoders + key batch shuffled before its forward",
+            "none": "shuffle-BN off: plain batch-norm (not recommended: MoCo can cheat through BN)",
+        }
+        return [lines[self.shuffle_bn]]
+
+    @torch.no_grad()
+    def pictures(self, batch: Any, generator: torch.Generator) -> dict[str, Any]:
+        was_training = self.training
+        self.eval()
+        try:
+            return self.masking.preview(batch, self.encoder_k.activation, generator)
+        finally:
+            self.train(was_training)
