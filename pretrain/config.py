@@ -100,6 +100,8 @@ class SaliencyConfig:
     checkpoint: str | None = None  # frozen: a local suite checkpoint or torchvision ResNet state_dict
     query_map: str = "mapped"  # mapped: key map resampled by crop geometry | forward: extra no-grad pass
     std_ratio: float = 0.6
+    cache_dir: str | None = None  # frozen only: cache whole-image maps here, map them onto crops (issue 9)
+    cache_image_size: int | None = None  # whole-image size for the cache (default 2 x augment.image_size)
 
 
 @dataclass
@@ -315,6 +317,8 @@ def validate(cfg: DictConfig) -> None:
              f"saliency.query_map must be 'mapped' or 'forward', got '{cfg.saliency.query_map}'")
         need(cfg.saliency.source != "frozen" or bool(cfg.saliency.checkpoint),
              "saliency.source=frozen needs saliency.checkpoint=PATH (a local ResNet checkpoint)")
+        need(not cfg.saliency.cache_dir or cfg.saliency.source == "frozen",
+             "saliency.cache_dir only applies to saliency.source=frozen (a trained network's maps change)")
         for name in ("query_ratio", "negative_ratio"):
             low, high = masking[name]
             need(0.0 <= low <= high <= 1.0, f"masking.{name} must be [low, high] within [0, 1], got {[low, high]}")

@@ -161,6 +161,12 @@ class Trainer:
         if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.amp = amp_dtype(str(cfg.train.amp), self.device)
+        files = [path for path, _ in self.train_set.samples]
+        if world.is_main:
+            self.method.attach_dataset(files, build=True)
+        distributed.barrier()
+        if not world.is_main:
+            self.method.attach_dataset(files, build=False)
 
     def _wrap(self) -> None:
         if self.world.distributed:
@@ -366,8 +372,8 @@ class Trainer:
 
     def run(self) -> Path:
         cfg, world = self.cfg, self.world
+        decision = self._decide()  # may clear the run directory (--force): set up the log file after it
         _setup_logging(self.out_dir, world)
-        decision = self._decide()
         if decision.action == "skip":
             log.info(decision.message)
             return decision.checkpoint
@@ -451,8 +457,10 @@ def train(cfg: DictConfig, force: bool = False, step_hook: StepHook | None = Non
     already_joined = dist.is_available() and dist.is_initialized()
     world = distributed.setup(str(cfg.train.device))
     started_group = world.distributed and not already_joined
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return Trainer(cfg, world, force, step_hook, timer).run()
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         if started_group:
             distributed.teardown()

@@ -95,6 +95,13 @@ class GuidedMasking:
             self.guide = SaliencyGuide(source, config.grid, float(cfg.saliency.std_ratio),
                                        str(cfg.saliency.query_map), bool(cfg.compat.released_code))
 
+    def attach_dataset(self, files: list[str], cfg, device: torch.device, build: bool) -> None:
+        """Give the frozen source its per-image cache when ``saliency.cache_dir`` asks for one."""
+        if not (self.enabled and cfg.saliency.cache_dir):
+            return
+        size = int(cfg.saliency.cache_image_size or 2 * int(cfg.augment.image_size))
+        self.guide.source.attach_cache(str(cfg.saliency.cache_dir), files, size, device, build=build)
+
     @property
     def input_filter_spec(self) -> dict[str, Any]:
         return dict(self.input_filter.spec)
@@ -123,7 +130,7 @@ class GuidedMasking:
             with timer("key_forward"):
                 embedding, activation = key_encode(key, True)
         with timer("saliency"):
-            key_maps = self.guide.maps(key, batch.key, activation)
+            key_maps = self.guide.key_maps(batch, key, batch.key, activation)
             query_maps = self.guide.query_from_key(key_maps, batch, query, batch.query) if mask_query else None
         with timer("masking"):
             query_masked = self.masker.mask_query(query, query_maps, generator) if mask_query else None

@@ -12,6 +12,8 @@
 The query view's map is either mapped from the key view's map by the crop geometry (``query_map:
 mapped``, :func:`pretrain.saliency.map_cells`, no extra pass) or computed by an extra no-grad forward
 on the query view (``query_map: forward``, exact, what the released code does with its frozen net).
+The frozen source can instead cache every training image's whole-image map once
+(``saliency.cache_dir``, :mod:`pretrain.saliency_cache`) and map it onto both crops each step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pretrain.encoder import trunk_features
 from pretrain.fileio import sha256_file
 from pretrain.filters import InputFilter
 from pretrain.saliency import SaliencyMaps, map_cells, saliency_from_cells, scda_saliency, uniform_saliency
+from pretrain.saliency_cache import SaliencyCache, build_saliency_cache, cache_key
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -63,8 +66,23 @@ class UniformSource(SaliencySource):
     uniform = True
 
 
+class _FrozenFeatures(nn.Module):
+    """The frozen trunk behind its input filter, up to layer4 (what the saliency cache runs)."""
+
+    def __init__(self, trunk: nn.Module, input_filter: InputFilter):
+        super().__init__()
+        self.trunk, self.input_filter = trunk, input_filter
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return trunk_features(self.trunk, self.input_filter(images))
+
+
 class FrozenSource(SaliencySource):
-    """A frozen ResNet in eval mode on the unfiltered view (with the filter its checkpoint records)."""
+    """A frozen ResNet in eval mode on the unfiltered view (with the filter its checkpoint records).
+
+    With a cache (:meth:`attach_cache`) each training image's whole-image map is computed once and
+    mapped onto every crop by its geometry (``pretrain.saliency_cache``) instead of a forward per step.
+    """
 
     name = "frozen"
 
@@ -75,6 +93,19 @@ class FrozenSource(SaliencySource):
         self.input_filter = InputFilter(filter_spec)
         # A plain attribute list, not a submodule: the frozen net is not part of the method's state.
         self._net = [trunk.to(device).eval().requires_grad_(False)]
+        self.cache: SaliencyCache | None = None
+        self.cache_image_size: int | None = None
+
+    def attach_cache(self, cache_dir: str | Path, files: list[str], image_size: int, device: torch.device,
+                     build: bool = True) -> None:
+        """Build (main process: ``build``) or open the whole-image map cache of ``files``."""
+        network = _FrozenFeatures(self._net[0], self.input_filter)
+        if build:
+            self.cache = build_saliency_cache(cache_dir, files, network, self.sha256, image_size=image_size,
+                                              device=device)
+        else:
+            self.cache = SaliencyCache(Path(cache_dir) / cache_key(files, self.sha256, image_size))
+        self.cache_image_size = image_size
 
     @torch.no_grad()
     def activation(self, filtered: torch.Tensor, unfiltered: torch.Tensor) -> torch.Tensor:
@@ -86,9 +117,12 @@ class FrozenSource(SaliencySource):
         return self
 
     def describe(self) -> dict[str, Any]:
-        return {"saliency_source": self.name, "saliency_checkpoint": str(self.path),
+        info = {"saliency_source": self.name, "saliency_checkpoint": str(self.path),
                 "saliency_checkpoint_sha256": self.sha256, "saliency_arch": self.arch,
                 "saliency_input_filter": self.input_filter.spec}
+        if self.cache is not None:
+            info.update(saliency_cache=str(self.cache.directory), saliency_cache_image_size=self.cache_image_size)
+        return info
 
 
 def load_frozen_resnet(path: Path) -> tuple[nn.Module, str, dict[str, Any] | None]:
@@ -149,6 +183,18 @@ class SaliencyGuide:
         self.source, self.grid, self.std_ratio = source, grid, std_ratio
         self.query_map, self.released_code = query_map, released_code
 
+    @property
+    def cache(self) -> SaliencyCache | None:
+        return getattr(self.source, "cache", None)
+
+    def key_maps(self, batch, filtered: torch.Tensor, unfiltered: torch.Tensor,
+                 activation: torch.Tensor | None = None) -> SaliencyMaps:
+        """The key view's maps: from the cache by crop geometry, or :meth:`maps`."""
+        if self.cache is not None:
+            return self.cache.crop_saliency(batch.index, batch.key_box, batch.key_flip, self.grid, self.std_ratio,
+                                            self.released_code)
+        return self.maps(filtered, unfiltered, activation)
+
     def maps(self, filtered: torch.Tensor, unfiltered: torch.Tensor,
              activation: torch.Tensor | None = None) -> SaliencyMaps:
         """Maps of one view; ``activation`` (from a forward pass already done) is used when given and
@@ -167,6 +213,9 @@ class SaliencyGuide:
                        query_unfiltered: torch.Tensor) -> SaliencyMaps:
         if self.source.uniform:
             return key_maps
+        if self.cache is not None:
+            return self.cache.crop_saliency(batch.index, batch.query_box, batch.query_flip, self.grid,
+                                            self.std_ratio, self.released_code)
         if self.query_map == "forward":
             return self.maps(query_filtered, query_unfiltered)
         cells = map_cells(key_maps.cells, batch.key_box, batch.key_flip, batch.query_box, batch.query_flip,

@@ -14,6 +14,7 @@ networks such as an occlusion model). The engine builds it, wraps it in DDP, and
 * ``features(images)``: representation for the kNN monitor (default: the backbone on filtered input).
 * ``meta()``: the checkpoint-metadata fields that place the model in the paper's tables.
 * ``pictures(batch, generator)``: panels for the per-epoch picture (optional).
+* ``attach_dataset(files, build)``: the training files in index order, once (per-image caches).
 * ``generators``: torch.Generators the method draws from; the engine saves and restores their states
   per process, so a resumed run draws exactly what the uninterrupted one would have.
 
@@ -85,6 +86,10 @@ class Method(nn.Module):
 
     def after_step(self, runner: StepRunner) -> None:
         """Called after the optimizer step (MoCo's momentum update)."""
+
+    def attach_dataset(self, files: list[str], build: bool) -> None:
+        """Called once with the training files in dataset-index order (e.g. to build a per-image cache;
+        ``build`` is True on the main process, the others open what it built)."""
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

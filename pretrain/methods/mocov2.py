@@ -143,6 +143,9 @@ class MoCoV2(Method):
 
     # ------------------------------------------------------------------------------------ reporting
 
+    def attach_dataset(self, files: list[str], build: bool) -> None:
+        self.masking.attach_dataset(files, self.cfg, self.world.device, build)
+
     def meta(self) -> dict[str, Any]:
         return {"method": self.name, **self.masking.meta(), "shuffle_bn": self.shuffle_bn,
                 "released_code": bool(self.cfg.compat.released_code)}

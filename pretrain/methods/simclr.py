@@ -84,6 +84,9 @@ class SimCLR(Method):
         metrics = {"contrastive_acc": contrastive_accuracy(logits.detach(), labels), **prepared.metrics()}
         return StepOutput(loss, metrics)
 
+    def attach_dataset(self, files: list[str], build: bool) -> None:
+        self.masking.attach_dataset(files, self.cfg, self.world.device, build)
+
     def meta(self) -> dict[str, Any]:
         return {"method": self.name, **self.masking.meta(), "sync_bn": self.sync_bn,
                 "released_code": bool(self.cfg.compat.released_code), "temperature": self.temperature}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 
@@ -76,14 +75,14 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(toy_root, tmp_
              "train.deterministic": True}
     reference = train(_cfg("mocov2_hp", toy_root, tmp_path / "a", **extra))
 
-    def crash_at_step_5(trainer):
-        if trainer.runner.global_step == 5:
+    def crash_at_step_7(trainer):  # 4 steps per epoch: the last checkpoint is mid-epoch 2, after step 6
+        if trainer.runner.global_step == 7:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(_cfg("mocov2_hp", toy_root, tmp_path / "b", **extra), step_hook=crash_at_step_5)
+        train(_cfg("mocov2_hp", toy_root, tmp_path / "b", **extra), step_hook=crash_at_step_7)
     interrupted = load_checkpoint(tmp_path / "b" / "checkpoint_last.pth")["meta"]
-    assert (interrupted["epoch"], interrupted["step_in_epoch"], interrupted["finished"]) == (0, 3, False)
+    assert (interrupted["epoch"], interrupted["step_in_epoch"], interrupted["finished"]) == (1, 2, False)
     with pytest.raises(rundir.RunDirError, match="unfinished run"):
         train(_cfg("mocov2_hp", toy_root, tmp_path / "b", resume="never", **extra))
     with pytest.raises(rundir.RunDirError, match="config differs.*optim.lr"):
@@ -123,52 +122,64 @@ def test_a_few_steps_lower_the_loss(toy_root, tmp_path, name):
     assert losses[-1] < losses[0] - 0.2, losses
 
 
-def test_unreadable_image_is_skipped_once_with_a_warning_and_counted(tmp_path, caplog):
+def test_unreadable_image_is_skipped_once_with_a_warning_and_counted(tmp_path):
     root = make_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=40)
     broken = root / "train" / "b" / "img_2.png"
     broken.write_bytes(b"\x89PNG truncated")
     cfg = load_config(CONFIG["mocov2"], tiny_overrides(root, tmp_path / "run", "mocov2", **{
-        "data.limit_train_images": None, "train.epochs": 2, "data.batch_size": 4}))
-    with caplog.at_level(logging.WARNING, logger="pretrain"):
-        logging.getLogger("pretrain").addHandler(caplog.handler)
-        final = train(cfg)
-    warnings = [r.getMessage() for r in caplog.records if "cannot read image" in r.getMessage()]
+        "data.limit_train_images": "null", "train.epochs": 2, "data.batch_size": 4}))
+    final = train(cfg)
+    warnings = [line for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if "cannot read image" in line]
     assert len(warnings) == 1 and str(broken) in warnings[0]  # one warning, naming the file, over 2 epochs
     assert load_checkpoint(final)["meta"]["skipped_images"] == 1
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == 1
 
 
-def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "pretrain", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+def test_cli_help_and_clear_errors_for_bad_input(tmp_path, toy_root, capsys):
+    from pretrain.__main__ import main
 
-
-def test_cli_help_and_clear_errors_for_bad_input(tmp_path, toy_root):
-    help_text = _cli("--help")
-    assert help_text.returncode == 0 and "torchrun" in help_text.stdout and "--force" in help_text.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "torchrun" in help_text and "--force" in help_text
     config = CONFIG["mocov2_hp"]
-    missing = _cli(config, f"data.root={tmp_path / 'nope'}", f"out_dir={tmp_path / 'o1'}")
-    assert missing.returncode == 2 and "data directory not found" in missing.stderr
-    assert "Traceback" not in missing.stderr
+
+    def error_of(*args):
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
     root = make_image_folder(tmp_path / "data", {"a": 2, "b": 2})
     (root / "train" / "empty_class").mkdir()
-    empty = _cli(config, f"data.root={root}", f"out_dir={tmp_path / 'o2'}")
-    assert empty.returncode == 2 and "empty_class holds no images" in empty.stderr
+    code, err = error_of(config, f"data.root={root}", f"out_dir={tmp_path / 'o2'}")
+    assert code == 2 and "empty_class holds no images" in err
     vit = tmp_path / "vit.pth"
     torch.save({"cls_token": torch.zeros(1, 1, 4), "blocks.0.mlp.fc1.weight": torch.zeros(4, 4)}, vit)
-    frozen = _cli(config, *tiny_overrides(toy_root, tmp_path / "o3"), "saliency.source=frozen",
-                  f"saliency.checkpoint={vit}")
-    assert frozen.returncode == 2 and "does not hold a torchvision ResNet" in frozen.stderr
-    typo = _cli(config, "data.root=/x", "train.epoch=3")
-    assert typo.returncode == 2 and "epoch" in typo.stderr
+    code, err = error_of(config, *tiny_overrides(toy_root, tmp_path / "o3"), "saliency.source=frozen",
+                         f"saliency.checkpoint={vit}")
+    assert code == 2 and "does not hold a torchvision ResNet" in err
+    code, err = error_of(config, "data.root=/x", "train.epoch=3")
+    assert code == 2 and "epoch" in err
+    # The real command line: one line on stderr, exit status 2, no traceback.
+    missing = subprocess.run([sys.executable, "-m", "pretrain", str(config), f"data.root={tmp_path / 'nope'}",
+                              f"out_dir={tmp_path / 'o1'}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert missing.returncode == 2 and "data directory not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
-def test_frozen_saliency_source_trains_and_is_recorded(toy_root, tmp_path, random_checkpoint_factory):
+@pytest.mark.parametrize("mode", ["forward", "cache"])
+def test_frozen_saliency_source_trains_and_is_recorded(toy_root, tmp_path, random_checkpoint_factory, mode):
     weights = random_checkpoint_factory("resnet18", seed=2)
-    cfg = _cfg("mocov2_blur", toy_root, tmp_path / "run", **{"saliency.source": "frozen",
-                                                             "saliency.checkpoint": str(weights),
-                                                             "saliency.query_map": "forward",
-                                                             "data.limit_train_images": 16})
-    meta = load_checkpoint(train(cfg))["meta"]
-    assert meta["saliency_source"] == "frozen" and meta["saliency_query_map"] == "forward"
+    extra = {"saliency.source": "frozen", "saliency.checkpoint": str(weights), "data.limit_train_images": 16}
+    if mode == "forward":
+        extra["saliency.query_map"] = "forward"
+    else:
+        extra.update({"saliency.cache_dir": str(tmp_path / "cache"), "saliency.cache_image_size": 64})
+    meta = load_checkpoint(train(_cfg("mocov2_blur", toy_root, tmp_path / "run", **extra)))["meta"]
+    assert meta["saliency_source"] == "frozen"
     assert meta["saliency_checkpoint"] == str(weights) and len(meta["saliency_checkpoint_sha256"]) == 64
+    if mode == "forward":
+        assert meta["saliency_query_map"] == "forward" and "saliency_cache" not in meta
+    else:
+        cache = meta["saliency_cache"]
+        assert cache.startswith(str(tmp_path / "cache")) and meta["saliency_cache_image_size"] == 64
+        assert json.loads((tmp_path / "cache" / cache.rsplit("/", 1)[-1] / "meta.json").read_text())["count"] == 16
