@@ -243,7 +243,7 @@ def _assignment_image(masks: torch.Tensor) -> torch.Tensor:
     """(B, N, H, W) masks -> normalized (B, 3, H, W) image colouring each pixel by its strongest mask."""
     colours = torch.tensor([MASK_COLOURS[n % len(MASK_COLOURS)] for n in range(masks.shape[1])],
                            device=masks.device, dtype=torch.float32)
-    rgb = torch.einsum("bnhw,nc->bchw", masks.float(), colours)
+    rgb = colours[masks.argmax(dim=1)].permute(0, 3, 1, 2)
     mean = torch.tensor(IMAGENET_NORMALIZE["mean"], device=masks.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_NORMALIZE["std"], device=masks.device).view(1, 3, 1, 1)
     return (rgb - mean) / std
