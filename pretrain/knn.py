@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--weights", help="a suite checkpoint (e.g. RUN/final.pth)")
     which.add_argument("--random", action="store_true", help="a randomly initialised backbone (seed from config)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         world = distributed.World()

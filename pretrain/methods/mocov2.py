@@ -38,6 +38,8 @@ class MoCoV2Config:
     temperature: float = 0.2
     head_hidden_dim: int | None = None  # default: the trunk's feature dimension (2048 for R50)
     head_out_dim: int = 128
+    queue_init: str = "random"  # random: K random unit vectors (MoCo) | empty: only real keys, the queue grows
+    head_bn: bool = False  # MoCo v2's head has no BN; BN (as in MoCo v3/SimCLR) stabilizes tiny-scale runs
     shuffle_bn: str = "auto"  # auto | ddp (shuffle across processes) | split (split BN) | none
     bn_splits: int = 8
 
@@ -50,7 +52,7 @@ class MoCoV2(Method):
         super().__init__(cfg, world, num_classes)
         opts = self.options
         self.temperature, self.momentum = float(opts.temperature), float(opts.momentum)
-        self.encoder_q = Encoder(self.arch, opts.head_hidden_dim, int(opts.head_out_dim),
+        self.encoder_q = Encoder(self.arch, opts.head_hidden_dim, int(opts.head_out_dim), head_bn=bool(opts.head_bn),
                                  zero_init_residual=bool(cfg.model.zero_init_residual))
         self.shuffle_bn = self._choose_shuffle_bn(str(opts.shuffle_bn), world)
         if self.shuffle_bn == "split":
@@ -59,6 +61,10 @@ class MoCoV2(Method):
         queue = F.normalize(torch.randn(int(opts.queue_size), int(opts.head_out_dim)), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        if str(opts.queue_init) not in ("random", "empty"):
+            raise ValueError(f"mocov2.queue_init must be 'random' or 'empty', got '{opts.queue_init}'")
+        filled = int(opts.queue_size) if opts.queue_init == "random" else 0
+        self.register_buffer("queue_filled", torch.tensor(filled, dtype=torch.long))
         self.masking = GuidedMasking(cfg, self._saliency_activation, world.device)
         self.input_filter = self.masking.input_filter
         base_seed = int(cfg.seed) * 1000 + world.rank
@@ -114,6 +120,7 @@ class MoCoV2(Method):
         index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
         self.queue[index] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
+        self.queue_filled.fill_(min(size, int(self.queue_filled) + keys.shape[0]))
 
     # ------------------------------------------------------------------------------------------- step
 
@@ -129,7 +136,7 @@ class MoCoV2(Method):
             queries = self.encoder_q(prepared.query)
         with timer("loss"):
             logits, labels = moco_logits(
-                queries.float(), keys.float(), self.queue.clone().detach(), self.temperature,
+                queries.float(), keys.float(), self.queue[:int(self.queue_filled)].clone().detach(), self.temperature,
                 hard_negatives=None if hard is None else hard.float(), alpha=self.masking.alpha,
                 sample0_negative=bool(self.cfg.compat.released_code),
             )

@@ -50,3 +50,14 @@ def test_monitor_scores_a_feature_that_knows_the_class(tmp_path):
     monitor = KnnMonitor(cfg, distributed.World())
     result = monitor.evaluate(lambda images: images.mean(dim=(2, 3)))
     assert result["knn_top1"] == pytest.approx(100.0)
+
+
+def test_knn_command_scores_a_random_initialisation(tmp_path, capsys):
+    from pretrain.knn import main
+
+    root = make_image_folder(tmp_path / "data", {"a": 4, "b": 4}, size=36)
+    code = main([str(TOY_CONFIGS[0]), "--random", f"data.root={root}", "augment.image_size=32", "knn.k=3",
+                 "data.num_workers=0"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("knn_top1=")
+    assert 0 <= float(out.split()[0].split("=")[1]) <= 100

@@ -57,3 +57,51 @@ def test_single_process_uses_split_batch_norm_and_says_so():
     moco = _moco()
     assert moco.shuffle_bn == "split" and moco.meta()["shuffle_bn"] == "split"
     assert "split batch-norm over 2 sub-batches" in moco.describe()[0]
+
+
+def test_released_code_flag_reaches_thresholding_and_the_loss(monkeypatch):
+    """compat.released_code: SPEC 1.1 (row-sorted threshold) in the saliency guide, SPEC 1.2 in the loss."""
+    import pretrain.methods.mocov2 as module
+    from pretrain.augment import TwoViewBatch
+
+    cfg_overrides = ["masking.name=saliency", "masking.strategy=mean", "compat.released_code=true"]
+    moco = _moco(*cfg_overrides)
+    assert moco.masking.guide.released_code is True and moco.meta()["released_code"] is True
+    seen = {}
+    original = module.moco_logits
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "moco_logits", spy)
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4)
+    no_flip = torch.zeros(4, dtype=torch.bool)
+    batch = TwoViewBatch(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), box, box, no_flip, no_flip,
+                         torch.zeros(4, dtype=torch.long), torch.arange(4))
+    moco(batch)
+    assert seen["sample0_negative"] is True and seen["hard_negatives"].shape[0] == 4
+    assert _moco().masking.enabled is False and _moco().meta()["released_code"] is False
+
+
+def test_empty_queue_start_uses_only_real_keys_as_negatives(monkeypatch):
+    import pretrain.methods.mocov2 as module
+    from pretrain.augment import TwoViewBatch
+
+    moco = _moco("mocov2.queue_init=empty")
+    assert int(moco.queue_filled) == 0 and int(_moco().queue_filled) == 10
+    widths = []
+    original = module.moco_logits
+
+    def spy(q, k, queue, *args, **kwargs):
+        widths.append(queue.shape[0])
+        return original(q, k, queue, *args, **kwargs)
+
+    monkeypatch.setattr(module, "moco_logits", spy)
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4)
+    no_flip = torch.zeros(4, dtype=torch.bool)
+    batch = TwoViewBatch(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), box, box, no_flip, no_flip,
+                         torch.zeros(4, dtype=torch.long), torch.arange(4))
+    for _ in range(4):
+        moco(batch)
+    assert widths == [0, 4, 8, 10]  # the queue grows by one batch per step up to its size
