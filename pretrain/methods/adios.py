@@ -268,7 +268,7 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
         return keys.float()
 
     def _ssl_losses(self, views, inputs, train_encoder):
-        queue = self.queue.clone().detach()
+        queue = self.queue[:int(self.queue_filled)].clone().detach()  # mocov2.queue_init=empty: real keys only
         losses, accuracies = [], []
         for view in views:
             queries = self.encoder_q(view).float()

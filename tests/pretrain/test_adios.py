@@ -121,6 +121,17 @@ def test_adios_s_encodes_one_masked_view_per_sample(toy_root, tmp_path):
     assert counts == {True: 1, False: 3}
 
 
+def test_moco_port_enqueues_the_unmasked_keys_once_per_step(toy_root, tmp_path):
+    trainer = _built(_cfg("mocov2_adios", toy_root, tmp_path, **{"adios.single_mask": False, "adios.num_masks": 3,
+                                                                "mocov2.queue_init": "empty"}))
+    method = trainer.method
+    batch = to_device_batch(next(iter(trainer.loader)), torch.device("cpu"))
+    keys = method.step_inputs(trainer.runner, batch).keys
+    method.train_step(trainer.runner, batch)
+    assert int(method.queue_filled) == int(method.queue_ptr) == batch.size  # once, not once per mask
+    torch.testing.assert_close(method.queue[:batch.size], keys)  # the keys of the unmasked key view
+
+
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(toy_root, tmp_path):
     extra = {"train.epochs": 2, "data.limit_train_images": 24, "checkpoint.every_steps": 2,
              "train.deterministic": True, "adios.single_mask": True}
