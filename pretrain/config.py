@@ -25,7 +25,8 @@ STRATEGIES = ("hp", "blur", "mean")
 MASK_BRANCHES = ("query", "key", "both")
 SALIENCY_SOURCES = ("momentum", "frozen", "none")
 # Masking kinds that run on the saliency-guided machinery (a baseline such as MSCN adds its name here).
-GUIDED_MASKING = ("saliency",)
+# mscn (Masked Siamese ConvNets): random masking = the hp strategy with uniform saliency, no hard negatives.
+GUIDED_MASKING = ("saliency", "mscn")
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,7 @@ class ModelConfig:
 class MaskingSection:
     """Where and how to mask (SPEC 1.2-1.4); the field names below ``alpha`` mirror ``MaskingConfig``."""
 
-    name: str = "none"  # none | saliency
+    name: str = "none"  # none | saliency | mscn (guided machinery) | adios (set by the ADIOS methods)
     strategy: str | None = None  # hp | blur | mean (required when masking)
     branch: str = "query"  # query | key | both
     alpha: float = 2.0  # weight of the hard-negative logits
@@ -230,10 +231,15 @@ def schema(method: str) -> DictConfig:
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}': choose one of {', '.join(sorted(METHODS))}")
     base = OmegaConf.structured(PretrainConfig)
-    method_config = METHODS[method].Config
-    if method_config is not None:
+    method_cls = METHODS[method]
+    sections: dict[str, type] = {}
+    if method_cls.Config is not None:
+        sections[method_cls.config_section or method] = method_cls.Config
+    sections.update(method_cls.extra_sections)
+    if sections:
         OmegaConf.set_struct(base, False)
-        base[method] = OmegaConf.structured(method_config)
+        for section, section_config in sections.items():
+            base[section] = OmegaConf.structured(section_config)
         OmegaConf.set_struct(base, True)
     return base
 
@@ -281,10 +287,26 @@ def validate(cfg: DictConfig) -> None:
         if not condition:
             raise ConfigError(message)
 
+    from pretrain.methods import METHODS
+
     masking = cfg.masking
-    need(masking.name == "none" or masking.name in GUIDED_MASKING,
-         f"masking.name must be 'none' or one of {GUIDED_MASKING}, got '{masking.name}'")
-    if masking.name != "none":
+    own_masking = METHODS[cfg.method].own_masking
+    if own_masking:
+        need(masking.name == own_masking, f"method {cfg.method} does its own masking: masking.name must be "
+             f"'{own_masking}', got '{masking.name}'")
+    else:
+        need(masking.name == "none" or masking.name in GUIDED_MASKING,
+             f"masking.name must be 'none' or one of {GUIDED_MASKING}, got '{masking.name}'")
+    if masking.name == "mscn":  # random masking (Jing et al. 2022) on the hp machinery
+        need(masking.strategy == "hp", f"masking.name=mscn is high-pass + noise masking: masking.strategy must "
+             f"be 'hp', got {masking.strategy!r}")
+        need(cfg.saliency.source == "none", "masking.name=mscn masks at random: saliency.source must be 'none' "
+             f"(uniform), got '{cfg.saliency.source}'; use masking.name=saliency for saliency-guided masking")
+        need(masking.num_hard_negatives == 0, "masking.name=mscn has no hard negatives: masking.num_hard_negatives "
+             f"must be 0, got {masking.num_hard_negatives}")
+        need(masking.branch in ("query", "key"), "masking.name=mscn masks one branch: masking.branch must be "
+             f"'query' or 'key', got '{masking.branch}'")
+    if masking.name in GUIDED_MASKING:
         need(masking.strategy in STRATEGIES,
              f"masking.strategy must be one of {STRATEGIES} when masking, got {masking.strategy!r}")
         need(masking.branch in MASK_BRANCHES, f"masking.branch must be one of {MASK_BRANCHES}, got '{masking.branch}'")

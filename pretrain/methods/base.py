@@ -20,6 +20,11 @@ networks such as an occlusion model). The engine builds it, wraps it in DDP, and
 
 Everything else a method must keep across a resume lives in its ``state_dict`` (parameters, buffers, or
 ``get_extra_state``); ``uses_labels`` says whether the method may read ``batch.labels``.
+
+Config sections: ``Config`` becomes the section ``config_section`` (default: the method's ``name``), so a
+variant of a method (ADIOS on MoCo v2) can keep its base's section (``mocov2:``); ``extra_sections`` adds
+further typed sections (``adios:``). ``own_masking`` names a ``masking.name`` the method implements itself
+(ADIOS's occlusion network) instead of the saliency-guided machinery; only that method accepts it.
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ class Method(nn.Module):
     Config: ClassVar[type | None] = None  # dataclass of the method's own config section (``<name>:``)
     uses_labels: ClassVar[bool] = False
     find_unused_parameters: ClassVar[bool] = False  # for DDP, when a forward phase leaves parameters unused
+    config_section: ClassVar[str | None] = None  # the section holding ``Config`` (default: ``name``)
+    extra_sections: ClassVar[dict[str, type]] = {}  # further typed config sections: {section name: dataclass}
+    own_masking: ClassVar[str | None] = None  # a ``masking.name`` this method implements itself (e.g. adios)
 
     def __init__(self, cfg: Any, world: World, num_classes: int):
         super().__init__()
         self.cfg, self.world, self.num_classes = cfg, world, num_classes
         self.arch = check_arch(cfg.model.arch)
-        self.options = cfg.get(self.name) if self.Config is not None else None
+        self.options = cfg.get(self.config_section or self.name) if self.Config is not None else None
         self.generators: dict[str, torch.Generator] = {}
         self.timer: PhaseTimer = NULL_TIMER
         self.input_filter = InputFilter(dict(NO_FILTER))

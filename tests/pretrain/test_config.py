@@ -7,11 +7,18 @@ import pytest
 from pretrain.config import ConfigError, config_differences, load_config, to_container, without_runtime_keys
 from tests.pretrain.engine_helpers import PAPER_CONFIGS, TOY_CONFIGS
 
+BASELINE_MASKING = {"mscn": ("mscn", "hp"), "adios": ("adios", None)}  # issue 4: (masking.name, strategy)
+
 
 def _expected_fields(stem: str) -> dict:
     parts = stem.split("_")
-    return {"method": parts[0], "strategy": parts[1] if len(parts) > 1 else None,
-            "branch": "key" if parts[-1] == "key" else "query"}
+    expected = {"method": parts[0], "masking": "saliency" if len(parts) > 1 else "none",
+                "strategy": parts[1] if len(parts) > 1 else None, "branch": "key" if parts[-1] == "key" else "query"}
+    if len(parts) > 1 and parts[1] in BASELINE_MASKING:
+        expected["masking"], expected["strategy"] = BASELINE_MASKING[parts[1]]
+        if parts[1] == "adios":
+            expected["method"] = stem  # mocov2_adios | simclr_adios
+    return expected
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS + TOY_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -20,9 +27,9 @@ def test_every_shipped_config_resolves_to_what_its_name_says(path):
     expected = _expected_fields(path.stem)
     assert cfg.method == expected["method"]
     assert cfg.name == path.stem
-    if expected["strategy"]:
+    if expected["masking"] != "none":
         assert (cfg.masking.name, cfg.masking.strategy, cfg.masking.branch) == (
-            "saliency", expected["strategy"], expected["branch"])
+            expected["masking"], expected["strategy"], expected["branch"])
     else:
         assert cfg.masking.name == "none"
     if path.parent.name == "paper":
@@ -39,7 +46,8 @@ def test_every_shipped_config_resolves_to_what_its_name_says(path):
 
 def test_paper_and_toy_sets_match():
     assert [p.name for p in PAPER_CONFIGS] == [p.name for p in TOY_CONFIGS]
-    assert len(PAPER_CONFIGS) == 11  # MoCo v2 (plain, 3 strategies, 3 key-branch), SimCLR (plain, 3)
+    # MoCo v2 (plain, 3 strategies, 3 key-branch), SimCLR (plain, 3); + MSCN, + ADIOS for each, supervised
+    assert len(PAPER_CONFIGS) == 16
 
 
 def test_base_files_merge_in_order_and_overrides_win(tmp_path):
