@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pretrain.fileio import atomic_write_json, sha256_json
+from pretrain.fileio import atomic_write_json, atomic_write_text, sha256_json
 from pretrain.provenance import device_description, utc_now
 from transfer.records import TASKS, make_record, read_record, write_record
 
@@ -146,24 +146,12 @@ def _config(plan) -> Any:
 
 
 def _evaluation_model(plan, cfg, trainer_cls):
-    """The model for --eval-only: the run directory's last checkpoint, else --weights as a full detector."""
+    """The model for --eval-only, with the weights chosen by the plan (a trained checkpoint)."""
     from transfer.d2_training import RunCheckpointer
 
     model = trainer_cls.build_model(cfg)
-    checkpointer = RunCheckpointer(model, plan.out)
-    if checkpointer.has_checkpoint():
-        source = checkpointer.get_checkpoint_file()
-    else:
-        source = plan.weights_path
-        from pretrain.checkpoint import safe_torch_load
-
-        state = safe_torch_load(source) if not source.endswith(".pkl") else {}
-        keys = state.get("model", state) if isinstance(state, dict) else {}
-        if not any(str(k).startswith("roi_heads.") for k in keys):
-            raise ValueError(f"--eval-only: {plan.out} has no trained checkpoint and {source} is not a full detectron2 "
-                             "detector (no roi_heads); train first (drop --eval-only)")
-    extra = checkpointer.load(source, checkpointables=[])
-    return model, {"evaluated": source, "iteration": int(extra.get("iteration", -1)) + 1}
+    extra = RunCheckpointer(model, plan.out).load(plan.eval_source, checkpointables=[])
+    return model, {"evaluated": plan.eval_source, "iteration": int(extra.get("iteration", -1)) + 1}
 
 
 def _train_and_evaluate(plan, cfg) -> dict[str, Any]:
@@ -235,7 +223,7 @@ def _worker(plan) -> None:
             atomic_write_json(out / RUN_STATE, {"config_hash": sha256_json(plan.record_config),
                                                 "weights_sha256": plan.weights_sha256, "updated": utc_now(),
                                                 "record": plan.record_path, "mode": plan.mode})
-            (out / "config.yaml").write_text(plan.cfg_yaml)
+            atomic_write_text(out / "config.yaml", plan.cfg_yaml)
         extra = _base_extra(plan)
         try:
             outcome = _train_and_evaluate(plan, cfg)

@@ -86,6 +86,7 @@ class DetectionPlan:
     norm_changes: dict[str, str]
     preset: str = "custom"
     mode: str = "train"  # "train" | "resume" | "evaluate"
+    eval_source: str = ""  # checkpoint --eval-only evaluates
     keep_checkpoints: str = "final"
     progress: bool | None = None
     verbose: bool = False
@@ -229,25 +230,41 @@ def _dataset_names(task: str, config_file: Path, overrides: Sequence[str]) -> tu
     return tuple(dict.fromkeys((*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)))
 
 
-def _run_state(out: Path, config_hash: str, sha: str, resume: bool, eval_only: bool, force: bool) -> str:
+def _run_state(out: Path, config_hash: str, sha: str, resume: bool, force: bool) -> str:
+    """"train" or "resume" for a run directory, or an error when it holds another or an unfinished run."""
     from transfer.d2_run import clear_run_dir, read_run_state
 
     tag = out / "last_checkpoint"
     if force:
         clear_run_dir(out)
-        return "evaluate" if eval_only else "train"
+        return "train"
     if not tag.exists():
-        return "evaluate" if eval_only else "train"
+        return "train"
     state = read_run_state(out)
     if state is None or state.get("config_hash") != config_hash or state.get("weights_sha256") != sha:
         raise DetectionSetupError(f"{out} holds a run with other weights or another config (last checkpoint "
                                   f"{tag.read_text().strip()}); use another --out, or --force to start over there")
-    if eval_only:
-        return "evaluate"
     if not resume:
         raise DetectionSetupError(f"{out} holds an unfinished run (last checkpoint {tag.read_text().strip()}); pass "
                                   "--resume to continue it, or --force to start over")
     return "resume"
+
+
+def _evaluation_source(out: Path, weights: Path) -> str:
+    """What --eval-only evaluates: the run directory's last checkpoint, else --weights if it is a whole
+    detectron2 detector (a backbone alone has untrained heads: nothing to evaluate)."""
+    from pretrain.checkpoint import safe_torch_load
+
+    tag = out / "last_checkpoint"
+    if tag.exists() and (out / tag.read_text().strip()).is_file():
+        return str(out / tag.read_text().strip())
+    if weights.suffix != ".pkl":
+        state = safe_torch_load(weights)
+        keys = state.get("model", state) if isinstance(state, dict) else {}
+        if any(str(k).startswith("roi_heads.") for k in keys):
+            return str(weights.resolve())
+    raise DetectionSetupError(f"--eval-only: {out} has no trained checkpoint and {weights} is not a complete detectron2 "
+                              "detector; train first (drop --eval-only)")
 
 
 def plan_detection(task: str, weights: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
@@ -322,7 +339,10 @@ def plan_detection(task: str, weights: str | os.PathLike, *, data_root: str | os
     existing = _existing_record(record_path, sha, record_config, force)
     if existing is not None:
         return plan, existing
-    plan.mode = _run_state(out, sha256_json(record_config), sha, resume, eval_only, force)
+    if eval_only:
+        plan.mode, plan.eval_source = "evaluate", _evaluation_source(out, weights)
+    else:
+        plan.mode = _run_state(out, sha256_json(record_config), sha, resume, force)
     return plan, None
 
 

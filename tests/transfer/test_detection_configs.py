@@ -147,3 +147,19 @@ def test_accumulated_micro_batches_step_like_one_large_batch():
     accumulated = _one_step(2, [samples[:2], samples[2:]])
     assert torch.allclose(whole, accumulated, atol=1e-6)
     assert not torch.allclose(whole, _one_step(1, [samples[:2]]))
+
+
+def test_r50_weights_fill_the_c4_protocol_model_except_the_new_norm(tmp_path, random_checkpoint_factory):
+    from transfer.convert import convert_to_detectron2
+    from transfer.verify import load_and_check
+
+    pkl = tmp_path / "r50.pkl"
+    convert_to_detectron2(random_checkpoint_factory("resnet50"), pkl, verify=False)
+    cfg = load("coco", "paper")
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.NORM = "BN"
+    model = build_model(cfg)
+    fresh_norm = model.roi_heads.res5.norm.weight.detach().clone()
+    result = load_and_check(model, pkl)
+    assert result["passed"] and result["summary"] == "backbone: 265/265 loaded"
+    assert torch.equal(model.roi_heads.res5.norm.weight, fresh_norm)  # new layer: trained, not converted
