@@ -130,3 +130,17 @@ def test_checkpoint_decides_depth_and_basic_blocks_refuse_c4(toy_world, tmp_path
     assert plan.record_config["detectron2"]["MODEL"]["RESNETS"]["RES2_OUT_CHANNELS"] == 64
     with pytest.raises(DetectionSetupError, match="FPN config"):
         plan_detection("voc", weights, data_root=toy_world, config="paper", out=tmp_path / "r34")
+
+
+def test_an_already_converted_pkl_is_used_as_is(toy_world, tmp_path, random_checkpoint_factory):
+    from pretrain.fileio import sha256_file
+    from transfer.convert import convert_to_detectron2
+
+    weights = random_checkpoint_factory(input_filter="highpass")
+    pkl = tmp_path / "converted.pkl"
+    convert_to_detectron2(weights, pkl)
+    plan, _ = plan_detection("coco", pkl, data_root=toy_world, config="micro", out=tmp_path / "run")
+    assert plan.weights_pkl == str(pkl.resolve()) and plan.conversion["status"] == "already converted"
+    assert plan.weights_sha256 == sha256_file(weights)  # the checkpoint the .pkl was made from
+    assert plan.model["input_filter"]["name"] == "highpass" and plan.model["base"] == "random"
+    assert not (tmp_path / "run" / "weights").exists()
