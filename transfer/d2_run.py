@@ -17,6 +17,7 @@ weights and config, so ``--resume`` never continues a different run.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import time
@@ -181,7 +182,10 @@ def _train_and_evaluate(plan, cfg) -> dict[str, Any]:
         iteration = min(trainer.iter, trainer.max_iter) if trainer.start_iter < trainer.max_iter else trainer.start_iter
         model = trainer.model
     start = time.monotonic()
-    results = DetectionTrainer.test(cfg, model)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # pycocotools prints its summary tables
+        results = DetectionTrainer.test(cfg, model)
+    if printed.getvalue().strip():
+        logging.getLogger(__name__).info("evaluator output:\n%s", printed.getvalue())
     timings["eval_s"] = round(time.monotonic() - start, 3)
     info.update(iteration=iteration, max_iter=int(cfg.SOLVER.MAX_ITER), timings=timings)
     return {"results": results, "info": info}

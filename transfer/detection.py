@@ -173,6 +173,10 @@ def _base_config():
 
 
 def _merge_overrides(cfg, overrides: Sequence[str]) -> None:
+    options = [o for o in overrides[::2] if str(o).startswith("--")]
+    if options:
+        raise DetectionSetupError(f"{options[0]} came after the KEY VALUE overrides; put options first, e.g. "
+                                  "--task voc --weights W --seed 1 SOLVER.MAX_ITER 100")
     if len(overrides) % 2:
         raise DetectionSetupError(f"detectron2 overrides come in KEY VALUE pairs; got an odd list {list(overrides)}")
     try:
