@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import math
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -48,13 +49,18 @@ def read_run_state(out: str | Path) -> dict[str, Any] | None:
 
 
 def clear_run_dir(out: str | Path) -> list[str]:
-    """Remove the training state of a run directory (checkpoints, tag, state, evaluation dumps)."""
+    """Remove the training state of a run directory (checkpoints, tag, state, metrics, evaluation dumps);
+    the log and the converted weights stay."""
     out = Path(out)
     removed = []
-    for path in [*out.glob("model_*.pth"), out / "last_checkpoint", out / RUN_STATE]:
+    for path in [*out.glob("model_*.pth"), *out.glob("events.out.tfevents.*"), out / "last_checkpoint",
+                 out / RUN_STATE, out / "metrics.json"]:
         if path.is_file():
             path.unlink()
             removed.append(path.name)
+    if (out / "inference").is_dir():
+        shutil.rmtree(out / "inference")
+        removed.append("inference/")
     return removed
 
 

@@ -8,7 +8,7 @@ datasets) from a random-init checkpoint of the case's architecture, then times t
 
 * ``toy`` / ``micro``: the toy and micro configs (ResNet-18 FPN), VOC and COCO;
 * ``r50c4``: the COCO protocol's Mask R-CNN R50-C4 (with the extra-norm ROI head) shrunk to the toy
-  world: 96-128 px, 32 RoIs per image, batch 2, the DESIGN notes' reference point.
+  world: 96-128 px, 32 RoIs per image, batch 2, 300 iterations, the DESIGN notes' reference point.
 
 It also estimates a whole run (iterations x s/iter + test images x s/img) to compare with the budgets.
 Numbers depend on the machine's load; run it on a quiet machine.
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from transfer.d2compat import import_detectron2
 from transfer.detection import plan_detection
 
 CASES: dict[str, list[tuple[str, str, str, list[str]]]] = {  # case -> [(task, config, arch, overrides)]
@@ -36,7 +37,8 @@ CASES: dict[str, list[tuple[str, str, str, list[str]]]] = {  # case -> [(task, c
         "INPUT.MAX_SIZE_TEST", "171", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
         "300", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RPN.PRE_NMS_TOPK_TEST", "300",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "32", "MODEL.ANCHOR_GENERATOR.SIZES", "[[16, 32, 64, 128]]",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "0", "DATALOADER.NUM_WORKERS", "0"])],
+        "TEST.DETECTIONS_PER_IMAGE", "20", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "0",
+        "SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(200, 260)", "DATALOADER.NUM_WORKERS", "0"])],
 }
 
 
@@ -54,6 +56,7 @@ def _checkpoint(arch: str, directory: Path) -> Path:
 def measure(task: str, config: str, arch: str, overrides: list[str], data_root: Path, work: Path,
             iters: int, test_images: int) -> dict[str, Any]:
     """Seconds per training iteration and per test image for one task/config."""
+    import_detectron2()
     from detectron2.data import DatasetCatalog, build_detection_test_loader
     from detectron2.utils.events import EventStorage
 

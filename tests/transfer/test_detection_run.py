@@ -122,3 +122,18 @@ def test_a_killed_run_resumes_to_the_same_final_iteration(toy_world, tmp_path, r
     assert extra["mode"] == "resume" and extra["resumed_from_iteration"] >= 4
     assert extra["iteration"] == extra["max_iter"] == 24
     assert all(math.isfinite(v) for v in record["metrics"].values())
+
+
+def test_record_metrics_come_from_the_evaluator_dict():
+    from transfer.d2_run import record_metrics
+
+    metrics, notes = record_metrics("voc_detection", {"bbox": {"AP": 10.5, "AP50": 20.25, "AP75": 5.0}})
+    assert metrics == {"voc_AP": 10.5, "voc_AP50": 20.25, "voc_AP75": 5.0} and notes == []
+    nan = float("nan")
+    coco = {"bbox": {"AP": 3.0, "AP50": 9.0, "AP75": 1.0, "APs": 2.0, "APm": 4.0, "APl": nan},
+            "segm": dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), nan)}
+    metrics, notes = record_metrics("coco_instance", coco)
+    assert metrics["coco_bbox_AP50"] == 9.0 and "coco_bbox_APl" not in metrics  # no large objects: left out
+    assert metrics["coco_segm_AP"] == 0.0 and len(notes) == 1 and "no detections" in notes[0]
+    with pytest.raises(ValueError, match="segm"):
+        record_metrics("coco_instance", {"bbox": coco["bbox"]})
