@@ -200,7 +200,7 @@ def _short(command: list[str]) -> str:
     return shlex.join(["python" if part == sys.executable else part for part in command])
 
 
-def print_plan(plan: Plan, ws: Workspace, runner: Runner, stream=sys.stdout) -> None:
+def print_plan(plan: Plan, ws: Workspace, runner: Runner, stream=None) -> None:
     config = ws.config
     rows = runner.preview()
     methods = sorted({cell.method for cell in plan if cell.method})
@@ -219,7 +219,7 @@ def print_plan(plan: Plan, ws: Workspace, runner: Runner, stream=sys.stdout) -> 
     print("Nothing was run (--dry-run).", file=stream)
 
 
-def summarize(results: dict[str, CellResult], plan: Plan, ws: Workspace, wall: float, stream=sys.stdout,
+def summarize(results: dict[str, CellResult], plan: Plan, ws: Workspace, wall: float, stream=None,
               interrupted: bool = False) -> dict:
     statuses = Counter(result.status for result in results.values())
     head = "Stopped" if interrupted else "Finished"
@@ -288,7 +288,7 @@ def matrix_text(results: dict[str, CellResult], plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def print_tables(ws: Workspace, stream=sys.stdout) -> None:
+def print_tables(ws: Workspace, stream=None) -> None:
     tables = ws.results_dir / "tables"
     for key in ("A", "B", "C"):
         path = tables / f"table_{key}.md"

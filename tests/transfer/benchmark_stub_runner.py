@@ -8,7 +8,8 @@ metric is a fixed function of the seed so tests can tell records apart. Real num
 real runners (``transfer.detection``, ``transfer.linear``), which the end-to-end benchmark test uses.
 
 Test knobs: ``--steps N --step-s S`` (work in N resumable steps, progress kept in ``<out>/progress.json``),
-``--fail-for NAME`` (exit 1 with a message when ``--name`` is NAME), ``--task-key KEY`` (which record task).
+``--fail-for NAME`` (exit 1 with a message when ``--name`` is NAME), ``--fail-if-exists FILE`` (the same
+while FILE exists: a failure cause the test can remove), ``--task-key KEY`` (which record task).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--step-s", type=float, default=0.0)
     parser.add_argument("--fail-for", default=None)
+    parser.add_argument("--fail-if-exists", default=None)
     args = parser.parse_args(argv)
 
     from pretrain.fileio import atomic_write_json, sha256_file
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         except RecordError:
             pass
-    if args.fail_for and args.name == args.fail_for:
+    if args.fail_for and args.name == args.fail_for and (args.fail_if_exists is None
+                                                         or Path(args.fail_if_exists).exists()):
         print(f"error: stub runner told to fail for {args.name}", file=sys.stderr)
         return 1
     out = Path(args.out)
