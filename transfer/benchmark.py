@@ -142,7 +142,7 @@ def make_workspace(config: BenchmarkConfig, args: argparse.Namespace) -> Workspa
                 f"preset '{config.preset}' reads real datasets: pass --data-root DIR holding imagenet100/, "
                 "VOCdevkit/, coco/, caltech101/, flowers-102/ (see docs/benchmark.md)")
         data_root = Path(config.data_root)
-    if config.gpus > 1:
+    if config.gpus > 1 and not args.dry_run:
         import torch
 
         available = torch.cuda.device_count()
