@@ -96,6 +96,9 @@ class CellKind:
     in_process = False  # run inside the driver (fast checks) instead of as a subprocess
     always = False  # no skipping: runs on every invocation (cheap and a pure function of other outputs)
 
+    def runs_in_process(self, ws: Workspace) -> bool:
+        return self.in_process
+
     def estimate(self, cell: Cell, ws: Workspace) -> float:
         return 10.0
 
@@ -343,9 +346,15 @@ class Transfer(CellKind):
     def weights(self, cell: Cell, deps: Deps) -> dict[str, Any]:
         return deps[cell.deps[-1]]
 
+    def args(self, cell: Cell, ws: Workspace) -> list[str]:
+        """The task's own arguments, with {runs_dir} {data_root} {preset} filled in."""
+        values = {"runs_dir": str(ws.runs_dir), "data_root": str(ws.data_root), "preset": ws.preset}
+        return [arg.format(**values) for arg in self.task(cell, ws).args]
+
     def inputs(self, cell, ws, deps):
         task = self.task(cell, ws)
-        return {"task": task.key, "module": task.module, "args": task.args, "files": ws.file_digests(task.args),
+        args = self.args(cell, ws)
+        return {"task": task.key, "module": task.module, "args": args, "files": ws.file_digests(args),
                 "weights_sha256": deps[cell.model_cell]["sha256"], "data": ws.data_inputs(deps),
                 "seed": cell.seed, "name": cell.method, "preset": ws.preset}
 
@@ -358,7 +367,7 @@ class Transfer(CellKind):
                    "--name", str(cell.method), "--preset", ws.preset, "--record", str(self.record_path(cell, ws))]
         if task.launcher == "num-gpus" and ws.gpus > 1:
             command += ["--num-gpus", str(ws.gpus)]
-        return command + task.resume_args + task.args  # args last: detectron2 KEY VALUE overrides end the line
+        return command + task.resume_args + self.args(cell, ws)  # last: detectron2 KEY VALUE overrides end the line
 
     def check(self, cell, ws, deps, state):
         path = self.record_path(cell, ws)
@@ -465,8 +474,13 @@ def _known_protocol(ws: Workspace, task: TaskSpec) -> str:
 
 
 class Pictures(CellKind):
+    """``figures/masking_<name>.png``: the run's last-epoch picture, or one rendered by a configured command."""
+
+    def runs_in_process(self, ws):
+        return ws.config.pictures is None or ws.config.pictures.module is None
+
     def estimate(self, cell, ws):
-        return ws.config.pictures.estimate_s if ws.config.pictures else 10.0
+        return ws.config.pictures.estimate_s if ws.config.pictures else 1.0
 
     def out(self, cell: Cell, ws: Workspace) -> Path:
         return masking_figure_path(ws.results_dir, str(cell.method))
@@ -475,17 +489,33 @@ class Pictures(CellKind):
         model = deps[cell.model_cell]
         return {"checkpoint": model["checkpoint"], "data_root": str(ws.data_root), "out": str(self.out(cell, ws)),
                 "run_dir": str(Path(model["checkpoint"]).parent), "name": str(cell.method),
-                "image_size": str(ws.config.image_size), "pretrain_data": str(ws.data_root / ws.config.pretrain.data_subdir)}
+                "pretrain_data": str(ws.data_root / ws.config.pretrain.data_subdir)}
 
     def inputs(self, cell, ws, deps):
         spec = ws.config.pictures
-        return {"module": spec.module, "args": spec.args, "weights_sha256": deps[cell.model_cell]["sha256"],
-                "data": ws.data_inputs(deps)}
+        return {"module": spec.module if spec else None, "args": spec.args if spec else [],
+                "weights_sha256": deps[cell.model_cell]["sha256"], "data": ws.data_inputs(deps)}
 
     def command(self, cell, ws, deps):
         spec = ws.config.pictures
         values = self._values(cell, ws, deps)
-        return [ws.python, "-m", spec.module, *(arg.format(**values) for arg in spec.args)]
+        return [ws.python, "-m", str(spec.module), *(arg.format(**values) for arg in spec.args)]
+
+    def run_in_process(self, cell, ws, deps, log):
+        import shutil
+
+        from pretrain.fileio import atomic_write_bytes
+
+        run_dir = Path(deps[cell.model_cell]["checkpoint"]).parent
+        pictures = sorted((run_dir / "pictures").glob("epoch_*.png"))
+        if not pictures:
+            raise FileNotFoundError(f"{run_dir}/pictures/ holds no epoch_*.png: the pretraining run rendered no "
+                                    "picture (visualize.enabled=false?)")
+        out = self.out(cell, ws)
+        atomic_write_bytes(out, pictures[-1].read_bytes())
+        shutil.copystat(pictures[-1], out)
+        print(f"{pictures[-1]} -> {out}", file=log)
+        return {"picture": str(out), "source": str(pictures[-1])}
 
     def check(self, cell, ws, deps, state):
         out = self.out(cell, ws)

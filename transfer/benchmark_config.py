@@ -79,8 +79,10 @@ class PretrainSpec:
 
 @dataclass
 class PicturesSpec:
-    module: str
-    args: list[str]  # placeholders: {checkpoint} {data_root} {out} {run_dir} {name}
+    """The masking picture of a model: copied from its run dir (module None) or rendered by a command."""
+
+    module: str | None
+    args: list[str]  # placeholders: {checkpoint} {data_root} {pretrain_data} {out} {run_dir} {name}
     estimate_s: float
 
 
@@ -205,11 +207,11 @@ def parse_config(raw: dict[str, Any], source: str) -> BenchmarkConfig:
     _need(bool(methods), f"{where}: 'methods' is empty; a preset needs at least one model")
 
     pictures = None
-    if raw.get("pictures"):
+    if raw.get("pictures") is not None:
         pic = raw["pictures"]
-        _need(isinstance(pic, dict) and pic.get("module"), f"{where}: pictures needs a 'module'")
+        _need(isinstance(pic, dict), f"{where}: pictures must be a mapping (module, args, estimate_s)")
         pictures = PicturesSpec(
-            module=str(pic["module"]),
+            module=str(pic["module"]) if pic.get("module") else None,
             args=_strings(pic.get("args"), f"{where}: pictures.args"),
             estimate_s=_number(pic.get("estimate_s"), f"{where}: pictures.estimate_s", 10.0),
         )

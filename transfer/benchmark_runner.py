@@ -151,7 +151,7 @@ class Runner:
                 self.outputs[cell.id] = kind.outputs(cell, self.ws, deps)
             elif cell.kind == "external" and status != "error":
                 self.outputs[cell.id] = kind.expected_outputs(cell, self.ws)
-            command = None if kind.in_process else kind.command(cell, self.ws, deps)
+            command = None if kind.runs_in_process(self.ws) else kind.command(cell, self.ws, deps)
             rows.append((cell, status, reason, command))
         return rows
 
@@ -203,7 +203,7 @@ class Runner:
                 self._skip(cell, verdict)
                 continue
             kind = KINDS[cell.kind]
-            if kind.in_process:
+            if kind.runs_in_process(self.ws):
                 self._run_in_process(cell, verdict)
             elif len(self._running) < self.jobs:
                 self._spawn(cell, verdict)

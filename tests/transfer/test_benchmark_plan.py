@@ -129,10 +129,12 @@ def test_commands_follow_the_parts_contract(tmp_path):
     assert flags["--weights"].endswith("convert/mocov2_hp/seed0/detectron2.pkl")
     assert flags["--name"] == "mocov2_hp" and flags["--preset"] == "paper" and flags["--seed"] == "0"
     assert flags["--record"] == f"{tmp_path}/results/records/voc_detection__mocov2_hp__seed0.json"
-    assert "--resume" in voc and voc[-4:] == ["--task", "voc", "--config-file", "configs/detection/voc_R50_C4_24k.yaml"]
+    assert "--resume" in voc
+    assert voc[-4:] == ["--task", "voc", "--config", "configs/detection/voc07+12_faster_rcnn_C4_24k.yaml"]
     lin = command["caltech101/mocov2_hp/seed0"]
     assert lin[lin.index("--weights") + 1].endswith("pretrain/mocov2_hp/seed0/final.pth")
-    assert command["pictures/mocov2_hp"][1:3] == ["-m", "pretrain.visualize"]
+    assert lin[lin.index("--cache-dir") + 1] == f"{tmp_path}/runs/features"  # placeholders filled in
+    assert "pictures/mocov2_hp" not in command  # copied from the run dir inside the driver
 
 
 def test_several_gpus_launch_torchrun_and_detectron2_workers(tmp_path):
