@@ -118,7 +118,7 @@ def test_commands_follow_the_parts_contract(tmp_path):
     plan = build_plan(config, Selection(methods=["mocov2_hp"]))
     ws = workspace(config, tmp_path)
     command = {cid: KINDS[c.kind].command(c, ws, expected_deps(plan, c, ws)) for cid, c in plan.cells.items()
-               if not KINDS[c.kind].in_process}
+               if not KINDS[c.kind].runs_in_process(ws)}
     pre = command["pretrain/mocov2_hp/seed0"]
     assert pre[1:4] == ["-m", "pretrain", "configs/pretrain/paper/mocov2_hp.yaml"]
     assert f"out_dir={tmp_path}/runs/pretrain/mocov2_hp/seed0" in pre and "resume=auto" in pre
