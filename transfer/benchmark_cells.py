@@ -70,8 +70,13 @@ class Workspace:
         return self._digests[key]
 
     def file_digests(self, args: list[str]) -> dict[str, str]:
-        """Contents of every config file named in a command line: editing one makes its cells stale."""
-        return {arg: self.sha256(arg) for arg in args if _looks_like_file(arg)}
+        """Contents of every config file named in a command line (and of the files it builds on): editing
+        one makes its cells stale."""
+        digests: dict[str, str] = {}
+        for arg in args:
+            if _looks_like_file(arg):
+                digests.update(config_tree_digests(Path(arg), self))
+        return digests
 
     def launcher(self, module: str, launcher: str) -> list[str]:
         if launcher == "torchrun" and self.gpus > 1:
@@ -222,7 +227,7 @@ class Pretrain(_CheckpointKind):
     def inputs(self, cell, ws, deps):
         method = ws.config.methods[cell.method]
         config = self.config_file(cell, ws)
-        return {"config": str(config), "config_files": _config_tree_digests(config, ws),
+        return {"config": str(config), "config_files": config_tree_digests(config, ws),
                 "overrides": [*ws.config.pretrain.overrides, *method.overrides], "seed": cell.seed,
                 "data": ws.data_inputs(deps)}
 
@@ -278,17 +283,21 @@ class External(CellKind):
         return []
 
 
-def _config_tree_digests(path: Path, ws: Workspace, seen: tuple[Path, ...] = ()) -> dict[str, str]:
-    """sha256 of a YAML config and of every file its ``_base_`` names (the engine's inheritance)."""
-    if not path.is_file() or path.resolve() in seen:
+def config_tree_digests(path: Path, ws: Workspace, seen: tuple[Path, ...] = ()) -> dict[str, str]:
+    """sha256 of a YAML config and of every file it inherits from (``_base_``: the pretraining and linear
+    configs; ``_BASE_``: detectron2's), relative to the file."""
+    if not path.is_file():
         return {str(path): "missing"}
+    if path.resolve() in seen:
+        return {}
     digests = {str(path): ws.sha256(path)}
     try:
-        bases = OmegaConf.load(path).get("_base_") or []
-    except Exception:  # the engine reports a broken file itself; its hash is enough here
+        node = OmegaConf.load(path)
+        bases = node.get("_base_") or node.get("_BASE_") or []
+    except Exception:  # the part reports a broken file itself; its hash is enough here
         return digests
     for base in [bases] if isinstance(bases, str) else list(bases):
-        digests.update(_config_tree_digests(path.parent / str(base), ws, (*seen, path.resolve())))
+        digests.update(config_tree_digests(path.parent / str(base), ws, (*seen, path.resolve())))
     return digests
 
 

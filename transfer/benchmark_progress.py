@@ -96,8 +96,14 @@ class Progress:
         return left / max(1, self.jobs)
 
     def estimate(self, cell: Cell, guess: float) -> float:
-        walls = self.measured.get(estimate_key(cell))
-        return sum(walls) / len(walls) if walls else guess
+        """Mean measured wall of this kind; before any, the guess, raised to what a running one has taken."""
+        key = estimate_key(cell)
+        walls = self.measured.get(key)
+        if walls:
+            return sum(walls) / len(walls)
+        now = time.monotonic()
+        running = [now - start for other, start, _ in self.running.values() if estimate_key(other) == key]
+        return max([guess, *running])
 
     def status_text(self) -> str:
         now = time.monotonic()
