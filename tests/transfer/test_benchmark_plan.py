@@ -204,3 +204,24 @@ def test_progress_lines_without_a_terminal_carry_counts_and_eta():
     out = stream.getvalue()
     assert "[1/3] ok      random-init · random · seed 0  0:03" in out and "ETA" in out
     assert "FAILED  caltech101 · random · seed 0" in out and "log: runs/toy/logs/x.log" in out
+
+
+def test_driver_written_failed_records_never_split_a_table(tmp_path):
+    """A blocked cell's record cannot know the protocol its runner would have used; it must not break the
+    tables (only records with numbers decide a task's protocol) and it still says why the cell is empty."""
+    from transfer.records import make_record, write_record
+    from transfer.results_data import collect
+
+    def write(name, status, protocol):
+        record = make_record(task="logreg_caltech101", protocol=protocol, seed=0, model={"name": name, "base": "mocov2"},
+                             weights_path="w", weights_sha256="s", metrics={"caltech101_acc": 50.0} if status == "ok"
+                             else {}, config={}, status=status, error=None if status == "ok" else "blocked: x",
+                             extra={"preset": "toy"})
+        write_record(tmp_path / f"{name}.json", record)
+
+    write("a", "ok", "toy_ericsson_logreg_caltech101_64px")
+    write("b", "failed", "toy:caltech101")
+    data = collect(tmp_path, preset="toy")
+    assert data.protocols == {"logreg_caltech101": "toy_ericsson_logreg_caltech101_64px"}
+    assert [item.record["status"] for item in data.failed] == ["failed"]
+    assert not data.excluded
