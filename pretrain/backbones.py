@@ -56,3 +56,10 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
         if expected == blocks and bottleneck == (arch in BOTTLENECK_ARCHS):
             return arch
     return None
+
+
+def layer4_extractor(model: nn.Module) -> nn.Sequential:
+    """The trunk of a torchvision ResNet up to ``layer4`` (no pooling): its last convolutional feature map,
+    sharing the model's modules."""
+    return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                         model.layer1, model.layer2, model.layer3, model.layer4)

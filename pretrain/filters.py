@@ -10,15 +10,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.transforms.v2 import functional as TF
+
+from pretrain.fills import gaussian_blur
 
 NO_FILTER: dict[str, Any] = {"name": "none"}
 PAPER_HIGHPASS: dict[str, Any] = {"name": "highpass", "kernel_size": 11, "sigma": 5.0}
 
 
 def highpass(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """``x - GaussianBlur(kernel_size, sigma)(x)`` on a normalized (B, C, H, W) or (C, H, W) tensor."""
-    return x - TF.gaussian_blur(x, [kernel_size, kernel_size], [sigma, sigma])
+    """``x - GaussianBlur(kernel_size, sigma)(x)`` on a normalized (B, C, H, W) or (C, H, W) tensor
+    (torchvision's reflect-padded Gaussian, computed separably)."""
+    if x.dim() == 3:
+        return highpass(x[None], kernel_size, sigma)[0]
+    return x - gaussian_blur(x, kernel_size, sigma)
 
 
 class InputFilter(nn.Module):

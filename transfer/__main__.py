@@ -2,6 +2,7 @@
 
 Commands:
   make-toy-data OUT [--seed N] [--scale S] [--force]   write the built-in toy world (every layout)
+  make-imagenet100 IMAGENET_DIR OUT [--copy] [--force] build ImageNet-100 from a full ImageNet folder
 
 Each task also has its own module: ``python -m transfer.convert``, ``python -m transfer.detection``,
 ``python -m transfer.linear``, ``python -m transfer.tables``.
@@ -14,7 +15,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"make-toy-data": "transfer.toydata"}
+    commands = {"make-toy-data": "transfer.toydata", "make-imagenet100": "transfer.imagenet100"}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0

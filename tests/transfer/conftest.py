@@ -15,3 +15,12 @@ def layout_factory(tmp_path):
         return write_layout(tmp_path, layout, arch, seed)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def toy_pretrained_checkpoint(toy_world, tmp_path_factory):
+    """A ResNet-18 trained with labels on the toy world for a few seconds (suite format, 32 px): the
+    "pretrained" backbone the linear-evaluation tests compare with random init."""
+    from tests.transfer.linear_support import train_toy_supervised
+
+    return train_toy_supervised(toy_world, tmp_path_factory.mktemp("toy_pretrained") / "supervised_r18.pth")
