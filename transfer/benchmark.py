@@ -150,20 +150,26 @@ def make_workspace(config: BenchmarkConfig, args: argparse.Namespace) -> Workspa
             raise BenchmarkConfigError(f"--gpus {config.gpus}: only {available} CUDA device(s) visible")
     return Workspace(config=config, runs_dir=Path(args.runs_dir or f"runs/{config.preset}"),
                      results_dir=Path(args.results_dir or f"results/{config.preset}"), data_root=data_root,
-                     gpus=max(1, config.gpus))
+                     gpus=max(1, config.gpus), default_data_root=not args.data_root)
 
 
 def preflight(plan: Plan, ws: Workspace) -> None:
     """Fail before any long work when the data the selected cells read is not there."""
     config = ws.config
     if "data" in plan.cells:
-        from transfer.toydata import MANIFEST
+        from transfer.toydata import LAYOUTS, MANIFEST
 
         root = ws.data_root
-        if root.is_dir() and any(root.iterdir()) and not (root / MANIFEST).is_file():
-            raise BenchmarkConfigError(
-                f"--data-root {root} is not empty and holds no toy world ({MANIFEST}); the {config.preset} preset "
-                "generates its data: omit --data-root (default data/toy) or pass an empty or toy-world folder")
+        if root.is_dir() and not (root / MANIFEST).is_file():
+            # The default folder may hold an interrupted generation (its layouts, a staging folder); a folder the
+            # user named must be empty: make-toy-data --force would replace layouts of the same names.
+            own = set(LAYOUTS) if ws.default_data_root else set()
+            foreign = [p.name for p in root.iterdir() if p.name not in own and not p.name.startswith(".toy-staging-")]
+            if foreign:
+                raise BenchmarkConfigError(
+                    f"{root} is not empty ({', '.join(sorted(foreign)[:4])}) and holds no toy world ({MANIFEST}); "
+                    f"the {config.preset} preset generates its data there: omit --data-root (default "
+                    f"{config.data_root}) or pass an empty or toy-world folder")
         return
     needed: dict[str, list[str]] = defaultdict(list)
     if any(cell.kind == "pretrain" for cell in plan):
@@ -296,7 +302,19 @@ def print_tables(ws: Workspace, stream=None) -> None:
             print(f"\n{path}:\n{path.read_text().strip()}", file=stream)
     index = ws.results_dir / "README.md"
     if index.is_file():
+        print("\n" + sanity_lines(index.read_text()), file=stream)
         print(f"\nEverything (tables vs. the paper, figures, what is missing): {index}", file=stream)
+
+
+def sanity_lines(index_text: str) -> str:
+    """The index's "SSL rows vs. Random init" section (the toy preset's acceptance check)."""
+    lines, keep = [], False
+    for line in index_text.splitlines():
+        if line.startswith("## "):
+            keep = "Random init" in line and "Sanity" in line
+        if keep and line.strip():
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

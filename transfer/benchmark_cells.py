@@ -44,6 +44,7 @@ class Workspace:
     results_dir: Path
     data_root: Path
     gpus: int = 1
+    default_data_root: bool = True  # the preset's own data folder (not one named with --data-root)
     python: str = sys.executable
     _digests: dict[tuple[str, int, int], str] = field(default_factory=dict)
 
