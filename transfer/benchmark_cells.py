@@ -135,6 +135,10 @@ class CellKind:
     def record_failure(self, cell: Cell, ws: Workspace, deps: Deps, error: str, started: float) -> None:
         """Leave a trace of a failure where the tables look (transfer cells only)."""
 
+    def block_paths(self, cell: Cell, ws: Workspace) -> list[Path]:
+        """Outputs to move aside when a cell is blocked (its inputs failed to be remade)."""
+        return []
+
     def describe(self, outputs: dict[str, Any]) -> str:
         return ""
 
@@ -419,6 +423,9 @@ class Transfer(CellKind):
     def stale_paths(self, cell, ws):
         return [self.record_path(cell, ws), ws.work_dir(cell)]
 
+    def block_paths(self, cell, ws):
+        return [self.record_path(cell, ws)]
+
     def describe(self, outputs):
         metrics = outputs.get("metrics") or {}
         if not metrics:
@@ -430,8 +437,9 @@ class Transfer(CellKind):
         """A ``failed`` record (unless the runner wrote its own during this attempt), so the tables say why."""
         path = self.record_path(cell, ws)
         try:
-            if path.stat().st_mtime >= started and read_record(path)["status"] == "failed":
-                return
+            existing = read_record(path)
+            if existing["status"] == "ok" or (existing["status"] == "failed" and path.stat().st_mtime >= started):
+                return  # never replace numbers; keep the runner's own account of its failure
         except (OSError, RecordError):
             pass
         task = self.task(cell, ws)

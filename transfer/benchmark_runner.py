@@ -58,8 +58,8 @@ class _Running:
     deadline: float | None
 
 
-class Stopped(Exception):
-    """The driver was asked to stop (SIGINT / SIGTERM)."""
+class Stopped(BaseException):
+    """The driver was asked to stop (SIGTERM); like KeyboardInterrupt it passes every ``except Exception``."""
 
 
 def _die_with_parent() -> None:
@@ -329,8 +329,13 @@ class Runner:
 
     def _block(self, cell: Cell, blocker: str) -> None:
         reason = f"blocked: {blocker}"
+        kind = KINDS[cell.kind]
+        # What the cell produced before came from inputs that are being replaced (their producer reran and
+        # failed): keep it in the attic, not beside the new matrix's records.
+        for path in kind.block_paths(cell, self.ws):
+            self.attic.keep(cell.slug, path)
         with contextlib.suppress(Exception):
-            KINDS[cell.kind].record_failure(cell, self.ws, self.deps_of(cell), reason, time.time())
+            kind.record_failure(cell, self.ws, self.deps_of(cell), reason, time.time())
         self.results[cell.id] = CellResult(cell, "blocked", reason=blocker)
         self.progress.finish(cell, "blocked", detail=blocker)
 
