@@ -17,6 +17,7 @@ import fcntl
 import os
 import shlex
 import sys
+import textwrap
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -53,8 +54,12 @@ in progress; 130 stopped (rerun the same command to resume).
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bash run_all.sh  (python -m transfer.benchmark)", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="bash run_all.sh", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description=textwrap.fill(
+            "The benchmark matrix end to end (python -m transfer.benchmark): pretraining -> conversion -> detection "
+            "(VOC, COCO) -> linear evaluation (ImageNet-100, Caltech-101, Flowers-102) -> the paper's tables, for "
+            "every method of a preset (configs/benchmark/PRESET.yaml). Finished cells are skipped, interrupted ones "
+            "resume, cells whose inputs changed rerun. Details: docs/benchmark.md.", 100))
     which = parser.add_argument_group("what to run")
     which.add_argument("--preset", default="toy", help="configs/benchmark/PRESET.yaml (default: toy; also: paper)")
     which.add_argument("--config", metavar="FILE.yaml", help="a matrix config file instead of the preset's")
