@@ -114,6 +114,9 @@ class CellKind:
     def command(self, cell: Cell, ws: Workspace, deps: Deps) -> list[str]:
         raise NotImplementedError
 
+    def precheck(self, cell: Cell, ws: Workspace) -> None:
+        """Raise with a clear message when the cell cannot possibly run (saves starting a process)."""
+
     def check(self, cell: Cell, ws: Workspace, deps: Deps, state: CellState | None) -> Problem | None:
         """None when the outputs are present and valid; else what is wrong with them."""
         return None
@@ -228,6 +231,12 @@ class Pretrain(_CheckpointKind):
 
     def config_file(self, cell: Cell, ws: Workspace) -> Path:
         return Path(ws.config.pretrain.config_dir) / str(ws.config.methods[cell.method].config)
+
+    def precheck(self, cell, ws):
+        path = self.config_file(cell, ws)
+        if not path.is_file():
+            raise FileNotFoundError(f"no pretraining config {path} (methods.{cell.method}.config with "
+                                    f"pretrain.config_dir in {ws.config.source})")
 
     def inputs(self, cell, ws, deps):
         method = ws.config.methods[cell.method]

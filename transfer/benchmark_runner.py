@@ -195,9 +195,10 @@ class Runner:
                 still.append(cell)
                 continue
             try:
+                KINDS[cell.kind].precheck(cell, self.ws)
                 verdict = self.verdict(cell)
             except Exception as err:  # an input that cannot be read (a deleted checkpoint): the cell fails
-                self._fail(cell, Verdict("todo"), f"cannot check the inputs: {err}", None, time.time())
+                self._fail(cell, Verdict("todo"), f"cannot start: {err}", None, time.time())
                 continue
             if verdict.status == "done":
                 self._skip(cell, verdict)
