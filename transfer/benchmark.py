@@ -247,18 +247,24 @@ def summarize(results: dict[str, CellResult], plan: Plan, ws: Workspace, wall: f
     for reason, count in blocked.items():
         print(f"  blocked: {count} cell(s) because {reason}", file=stream)
     timing: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)
     for result in results.values():
         if result.status == "ok" and result.wall_s is not None:
             timing[result.cell.task or result.cell.kind].append(result.wall_s)
+            if result.cpu_s is not None:
+                cpu[result.cell.task or result.cell.kind].append(result.cpu_s)
     if timing:
-        print("\nWall time of the cells that ran: " + "; ".join(
-            f"{key} {len(walls)} x {sum(walls) / len(walls):.0f} s" for key, walls in timing.items()), file=stream)
+        print("\nCells that ran, mean wall (CPU) seconds: " + "; ".join(
+            f"{key} {len(walls)} x {sum(walls) / len(walls):.0f}"
+            + (f" ({sum(cpu[key]) / len(cpu[key]):.0f})" if cpu.get(key) else "")
+            for key, walls in timing.items()), file=stream)
     summary = {
         "preset": ws.preset, "finished": utc_now(), "wall_s": round(wall, 1), "interrupted": interrupted,
         "counts": dict(statuses),
         "cells": {cid: {"status": r.status, "verdict": r.verdict, "reason": r.reason, "wall_s": r.wall_s,
-                        "log": r.log} for cid, r in results.items()},
-        "wall_by_kind": {key: {"n": len(v), "total_s": round(sum(v), 1), "mean_s": round(sum(v) / len(v), 1)}
+                        "cpu_s": r.cpu_s, "log": r.log} for cid, r in results.items()},
+        "wall_by_kind": {key: {"n": len(v), "total_s": round(sum(v), 1), "mean_s": round(sum(v) / len(v), 1),
+                               "cpu_total_s": round(sum(cpu.get(key, [])), 1)}
                          for key, v in timing.items()},
     }
     atomic_write_json(ws.runs_dir / "summary.json", summary)

@@ -50,6 +50,7 @@ class CellState:
     started: str = ""
     finished: str = ""
     wall_s: float | None = None
+    cpu_s: float | None = None
     log: str = ""
     error: str = ""
     attempts: int = 0
