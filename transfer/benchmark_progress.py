@@ -19,6 +19,7 @@ from typing import TextIO
 from transfer.benchmark_plan import Cell
 
 FINAL = ("ok", "done", "failed", "blocked")  # statuses that count as finished
+QUIET_STATUS_S = 120.0  # without a terminal, print the status line after this long without an event
 
 
 def clock(seconds: float) -> str:
@@ -41,6 +42,7 @@ class Progress:
     measured: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # kind key -> walls
     _status_width: int = 0
     _last_draw: float = 0.0
+    _last_line: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         if self.live is None:
@@ -50,6 +52,7 @@ class Progress:
 
     def line(self, text: str) -> None:
         """Print an event line above the status line."""
+        self._last_line = time.monotonic()
         self._clear()
         print(text, file=self.stream, flush=True)
         self.draw(force=True)
@@ -120,9 +123,13 @@ class Progress:
         return " · ".join(parts)
 
     def draw(self, force: bool = False) -> None:
-        if not self.live:
-            return
         now = time.monotonic()
+        if not self.live:
+            # no terminal: a plain status line when nothing else was printed for a while
+            if self.running and now - max(self._last_draw, self._last_line) >= QUIET_STATUS_S:
+                self._last_draw = now
+                print(f"  ... {self.status_text()}", file=self.stream, flush=True)
+            return
         if not force and now - self._last_draw < 1.0:
             return
         self._last_draw = now

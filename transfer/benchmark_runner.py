@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.provenance import utc_now
-from transfer.benchmark_cells import KINDS, Deps, Workspace
+from transfer.benchmark_kinds import KINDS
 from transfer.benchmark_plan import Cell, Plan
 from transfer.benchmark_progress import Progress
 from transfer.benchmark_state import Attic, CellState, StateStore, Verdict, decide, running_state
+from transfer.benchmark_workspace import Deps, Workspace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.2

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from transfer.benchmark_cells import KINDS, Workspace
 from transfer.benchmark_config import BenchmarkConfigError, config_path_for, load_benchmark_config
+from transfer.benchmark_kinds import KINDS
 from transfer.benchmark_plan import Selection, build_plan, forced_cells
 from transfer.benchmark_progress import Progress
 from transfer.benchmark_state import CellState, Problem, decide, fingerprint
+from transfer.benchmark_workspace import Workspace
 from transfer.records import TASKS
 from transfer.table_layout import TABLES
 
