@@ -238,8 +238,7 @@ def _select_protocols(
             )
     # Only records with numbers vote: a failed or running record cannot mix numbers, and one written for a run
     # that never started (e.g. blocked by a failed pretraining) cannot know the protocol the runner would use.
-    votes = {task: numbered.get(task) or counts for task, counts in by_task.items()}
-    mixed = {task: counts for task, counts in votes.items() if len(counts) > 1 and task not in chosen}
+    mixed = {task: counts for task, counts in numbered.items() if len(counts) > 1 and task not in chosen}
     if mixed:
         lines = "; ".join(
             f"{task}: " + ", ".join(f"'{p}' ({n} records)" for p, n in sorted(counts.items()))
@@ -251,7 +250,10 @@ def _select_protocols(
             f"protocols. Point at one preset's folder, pass --preset, or pick one per task, e.g. "
             f"--protocol {example_task}={counts.most_common(1)[0][0]}"
         )
-    protocols = {task: chosen.get(task) or next(iter(counts)) for task, counts in sorted(votes.items())}
+    protocols = {
+        task: chosen.get(task) or (numbered.get(task) or counts).most_common(1)[0][0]
+        for task, counts in sorted(by_task.items())
+    }
     kept, excluded = [], []
     for item in loaded:
         task, protocol = item.record["task"], item.record["protocol"]

@@ -220,9 +220,11 @@ def test_driver_written_failed_records_never_split_a_table(tmp_path):
                              extra={"preset": "toy"})
         write_record(tmp_path / f"{name}.json", record)
 
-    write("a", "ok", "toy_ericsson_logreg_caltech101_64px")
     write("b", "failed", "toy:caltech101")
+    write("c", "failed", "toy_ericsson_logreg_caltech101_64px")  # a runner's own failed record
+    assert len(collect(tmp_path, preset="toy").failed) == 2  # only failures so far: still one table
+    write("a", "ok", "toy_ericsson_logreg_caltech101_64px")
     data = collect(tmp_path, preset="toy")
     assert data.protocols == {"logreg_caltech101": "toy_ericsson_logreg_caltech101_64px"}
-    assert [item.record["status"] for item in data.failed] == ["failed"]
+    assert sorted(item.record["model"]["name"] for item in data.failed) == ["b", "c"]
     assert not data.excluded
