@@ -154,7 +154,7 @@ class Pretrain(_CheckpointKind):
         return ws.config.pretrain.estimate_s
 
     def config_file(self, cell: Cell, ws: Workspace) -> Path:
-        return Path(ws.config.pretrain.config_dir) / str(ws.config.methods[cell.method].config)
+        return ws.repo_file(Path(ws.config.pretrain.config_dir) / str(ws.config.methods[cell.method].config))
 
     def precheck(self, cell, ws):
         path = self.config_file(cell, ws)

@@ -44,9 +44,10 @@ class Transfer(CellKind):
         return deps[cell.deps[-1]]
 
     def args(self, cell: Cell, ws: Workspace) -> list[str]:
-        """The task's own arguments, with {runs_dir} {data_root} {preset} filled in."""
+        """The task's own arguments, with {runs_dir} {data_root} {preset} filled in (repository files found
+        from any working directory)."""
         values = {"runs_dir": str(ws.runs_dir), "data_root": str(ws.data_root), "preset": ws.preset}
-        return [arg.format(**values) for arg in self.task(cell, ws).args]
+        return ws.repo_args([arg.format(**values) for arg in self.task(cell, ws).args])
 
     def inputs(self, cell, ws, deps):
         task = self.task(cell, ws)

@@ -20,6 +20,8 @@ from pretrain.fileio import sha256_file
 from transfer.benchmark_config import BenchmarkConfig
 from transfer.benchmark_plan import Cell
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 Deps = dict[str, dict[str, Any]]  # dependency cell id -> its outputs
 
 
@@ -58,6 +60,16 @@ class Workspace:
             self._digests[key] = sha256_file(path)
         return self._digests[key]
 
+    def repo_file(self, path: str | os.PathLike) -> Path:
+        """A relative path of the repository's own files (``configs/...``) that works from any directory."""
+        path = Path(path)
+        if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+            return path
+        return REPO_ROOT / path
+
+    def repo_args(self, args: list[str]) -> list[str]:
+        return [str(self.repo_file(arg)) if _looks_like_relative_file(arg) else arg for arg in args]
+
     def file_digests(self, args: list[str]) -> dict[str, str]:
         """Contents of every config file named in a command line (and of the files it builds on): editing
         one makes its cells stale."""
@@ -77,6 +89,11 @@ class Workspace:
         if "data" in deps:
             return {"toy_world_sha256": deps["data"].get("sha256")}
         return {"root": str(self.data_root.resolve())}
+
+
+def _looks_like_relative_file(arg: str) -> bool:
+    return not arg.startswith("-") and "=" not in arg and Path(arg).suffix in (".yaml", ".yml", ".json") \
+        and not Path(arg).is_absolute()
 
 
 def _looks_like_file(arg: str) -> bool:
