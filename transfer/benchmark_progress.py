@@ -84,7 +84,13 @@ class Progress:
             if log:
                 self.line(f"{' ' * len(count)}         log: {log}")
         elif status == "blocked":
-            self.line(f"{count} blocked {cell.title}: {detail}")
+            self.draw()  # reported together by blocked(): one line per cause, not one per cell
+
+    def blocked(self, cause: str, cells: list[Cell]) -> None:
+        """One line for every cell a failure blocked (e.g. the six transfer cells of a failed pretraining)."""
+        count = f"[{len(self.finished):>{len(str(self.total))}}/{self.total}]"
+        names = ", ".join(cell.task or cell.kind for cell in cells[:8]) + (", ..." if len(cells) > 8 else "")
+        self.line(f"{count} blocked {len(cells)} cell{'s' if len(cells) != 1 else ''} ({names}): {cause}")
 
     # --------------------------------------------------------------- the line
 

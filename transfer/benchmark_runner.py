@@ -188,10 +188,12 @@ class Runner:
 
     def _launch(self, pending: list[Cell]) -> list[Cell]:
         still: list[Cell] = []
+        blocked: dict[str, list[Cell]] = {}
         for cell in pending:
             blocker = self._blocker(cell)
             if blocker is not None:
                 self._block(cell, blocker)
+                blocked.setdefault(blocker, []).append(cell)
                 continue
             if not self._ready(cell) or (cell.kind == "tables" and self._running):
                 still.append(cell)
@@ -212,6 +214,8 @@ class Runner:
                 self._spawn(cell, verdict)
             else:
                 still.append(cell)
+        for cause, cells in blocked.items():
+            self.progress.blocked(cause, cells)
         return still
 
     def _skip(self, cell: Cell, verdict: Verdict) -> None:
