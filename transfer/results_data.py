@@ -8,7 +8,8 @@ Records are grouped twice before anything is averaged:
 2. **Protocol.** Within a preset every task must have a single ``protocol`` (e.g. the toy linear probe
    vs. the paper's 100-epoch probe). If one task has records under several protocols, the build stops
    with one error naming them, unless ``--protocol TASK=PROTOCOL`` picks one; a toy number and a paper
-   number are never averaged.
+   number are never averaged. Only ``ok`` records vote: failed and running records carry no number, so
+   they are kept whatever protocol they name (a run that never started cannot know its protocol).
 
 A *cell* is then (model identity, metric). Its number is the mean over seeds of the ``ok`` records
 (sample std, n = number of seeds). Per (identity, task, seed) one record wins: the latest ``ok`` one, else
@@ -224,15 +225,20 @@ def _select_protocols(
     loaded: list[LoadedRecord], chosen: dict[str, str], results_dir: Path
 ) -> tuple[list[LoadedRecord], dict[str, str], list[tuple[str, str]]]:
     by_task: dict[str, Counter] = {}
+    numbered: dict[str, Counter] = {}
     for item in loaded:
         by_task.setdefault(item.record["task"], Counter())[item.record["protocol"]] += 1
+        if item.record["status"] == "ok":
+            numbered.setdefault(item.record["task"], Counter())[item.record["protocol"]] += 1
     for task, protocol in chosen.items():
         if protocol not in by_task.get(task, {}):
             found = sorted(by_task.get(task, {}))
             raise TablesInputError(
                 f"--protocol {task}={protocol}: no such records; protocols of {task}: {found}"
             )
-    mixed = {task: counts for task, counts in by_task.items() if len(counts) > 1 and task not in chosen}
+    # Only records with numbers vote: a failed or running record cannot mix numbers, and one written for a run
+    # that never started (e.g. blocked by a failed pretraining) cannot know the protocol the runner would use.
+    mixed = {task: counts for task, counts in numbered.items() if len(counts) > 1 and task not in chosen}
     if mixed:
         lines = "; ".join(
             f"{task}: " + ", ".join(f"'{p}' ({n} records)" for p, n in sorted(counts.items()))
@@ -244,11 +250,14 @@ def _select_protocols(
             f"protocols. Point at one preset's folder, pass --preset, or pick one per task, e.g. "
             f"--protocol {example_task}={counts.most_common(1)[0][0]}"
         )
-    protocols = {task: chosen.get(task) or next(iter(counts)) for task, counts in sorted(by_task.items())}
+    protocols = {
+        task: chosen.get(task) or (numbered.get(task) or counts).most_common(1)[0][0]
+        for task, counts in sorted(by_task.items())
+    }
     kept, excluded = [], []
     for item in loaded:
         task, protocol = item.record["task"], item.record["protocol"]
-        if protocol == protocols[task]:
+        if protocol == protocols[task] or (item.record["status"] != "ok" and task not in chosen):
             kept.append(item)
         else:
             excluded.append((item.path, f"protocol '{protocol}' of {task} (using '{protocols[task]}')"))
