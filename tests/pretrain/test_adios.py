@@ -43,7 +43,7 @@ def _flat(module):
 
 
 PLAIN_SGD = {"optim.name": "sgd", "optim.lr": 0.005, "optim.momentum": 0.0, "optim.weight_decay": 0.0,
-             "schedule.name": "constant", "schedule.warmup_epochs": 0, "adios.mask_optim.lr": 0.5,
+             "schedule.name": "constant", "schedule.warmup_epochs": 0, "adios.mask_optim.lr": 0.05,
              "adios.mask_optim.momentum": 0.0, "adios.mask_optim.weight_decay": 0.0,
              "adios.single_mask": False, "adios.alpha_sparsity": 0.0, "data.batch_size": 8,
              "data.limit_train_images": 8}
