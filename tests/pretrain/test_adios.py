@@ -42,8 +42,10 @@ def _flat(module):
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
+# The occlusion network's softmax masks make the SSL loss very curved in its weights: a step stays in
+# the first-order regime (loss change ~ lr * |grad|^2, measured) only for a tiny mask learning rate.
 PLAIN_SGD = {"optim.name": "sgd", "optim.lr": 0.005, "optim.momentum": 0.0, "optim.weight_decay": 0.0,
-             "schedule.name": "constant", "schedule.warmup_epochs": 0, "adios.mask_optim.lr": 0.05,
+             "schedule.name": "constant", "schedule.warmup_epochs": 0, "adios.mask_optim.lr": 1e-6,
              "adios.mask_optim.momentum": 0.0, "adios.mask_optim.weight_decay": 0.0,
              "adios.single_mask": False, "adios.alpha_sparsity": 0.0, "data.batch_size": 8,
              "data.limit_train_images": 8}
@@ -51,6 +53,7 @@ PLAIN_SGD = {"optim.name": "sgd", "optim.lr": 0.005, "optim.momentum": 0.0, "opt
 
 @pytest.mark.parametrize("name", ["mocov2_adios", "simclr_adios"])
 def test_encoder_step_lowers_and_occlusion_step_raises_the_ssl_loss(toy_root, tmp_path, name):
+    torch.manual_seed(0)  # the random initial queue too: the outcome must not depend on earlier tests
     trainer = _built(_cfg(name, toy_root, tmp_path, **PLAIN_SGD))
     method, runner = trainer.method, trainer.runner
     torch.manual_seed(0)
@@ -126,7 +129,9 @@ def test_moco_port_enqueues_the_unmasked_keys_once_per_step(toy_root, tmp_path):
                                                                 "mocov2.queue_init": "empty"}))
     method = trainer.method
     batch = to_device_batch(next(iter(trainer.loader)), torch.device("cpu"))
+    shuffle_state = method.shuffle_generator.get_state()  # the same key-batch shuffle (split-BN) in both calls
     keys = method.step_inputs(trainer.runner, batch).keys
+    method.shuffle_generator.set_state(shuffle_state)
     method.train_step(trainer.runner, batch)
     assert int(method.queue_filled) == int(method.queue_ptr) == batch.size  # once, not once per mask
     torch.testing.assert_close(method.queue[:batch.size], keys)  # the keys of the unmasked key view
