@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -69,7 +70,8 @@ def _predecode(trainer) -> list[dict[str, Any]]:
 def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    torch.set_num_threads(int(spec["threads"]))
+    if int(spec["threads"]) > 0:
+        torch.set_num_threads(int(spec["threads"]))
     from torch.utils.tensorboard import SummaryWriter
 
     from pretrain import distributed
@@ -104,12 +106,13 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     trainer._seed()
     trainer._build_data()
-    trainer.steps_per_epoch = warmup + steps
+    # One untimed step after the timed ones: the engine logs (TensorBoard, loss check) on the last step.
+    trainer.steps_per_epoch = warmup + steps + 1
     data_mode = spec.get("data", "predecoded")
     if data_mode == "predecoded":
         decode_started = time.perf_counter()
         batches = _predecode(trainer)
-        batches = [batches[i % len(batches)] for i in range(warmup + steps)]  # cycle if the split is small
+        batches = [batches[i % len(batches)] for i in range(trainer.steps_per_epoch)]  # cycle if the split is small
         trainer.loader = batches
         decode_s = time.perf_counter() - decode_started
     else:
@@ -130,7 +133,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
             trainer._train_epoch()
         finally:
             trainer.writer.close()
-    timed = records[warmup:]
+    timed = records[warmup:warmup + steps]
     mean = {key: sum(r[key] for r in timed) / len(timed) for key in timed[0]}
     mean["encoder"] = sum(mean[k] for k in ENCODER_PHASES)
     mean["other"] = mean["total"] - sum(mean[k] for k in PHASES)
@@ -150,7 +153,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "saliency_source": meta.get("saliency_source"), "query_map": meta.get("saliency_query_map"),
         "hard_negatives": meta.get("hard_negatives", copies),
         "steps": steps, "warmup": warmup, "per_step": timed, "mean": mean,
-        "images_per_s": batch / mean["total"], "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+        "median_total": statistics.median(r["total"] for r in timed), "images_per_s": batch / mean["total"], "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
         "setup_s": {"predecode": decode_s, "method": setup_method_s, "all": time.perf_counter() - started},
     }
 
