@@ -22,13 +22,16 @@ def noise_fill(shape: torch.Size | tuple[int, ...], std: float, channelwise: tor
                generator: torch.Generator | None = None, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N, C, H, W) zero-mean Gaussian noise; rows where ``channelwise`` is False repeat channel 0."""
-    # normal_(0, std) draws exactly what randn(...) * std does, in one pass instead of two; spatial rows
-    # then copy channel 0 in place (a third of the tensor at most) instead of a full torch.where pass.
+    # normal_(0, std) draws exactly what randn(...) * std does, in one pass instead of two.
     noise = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
-    if noise.shape[1] > 1:
-        spatial = torch.nonzero(~channelwise.to(noise.device, torch.bool)).flatten()
+    channelwise = channelwise.to(noise.device, torch.bool)
+    if noise.shape[1] == 1:
+        return noise
+    if noise.device.type == "cpu":  # copy channel 0 into the spatial rows only: a fraction of a full pass
+        spatial = torch.nonzero(~channelwise).flatten()
         noise[spatial, 1:] = noise[spatial, :1]
-    return noise
+        return noise
+    return torch.where(channelwise[:, None, None, None], noise, noise[:, :1])  # no host sync on a GPU
 
 
 def gaussian_kernel1d(kernel_size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -36,6 +39,15 @@ def gaussian_kernel1d(kernel_size: int, sigma: float, device=None, dtype=torch.f
     x = torch.linspace(-half, half, kernel_size, device=device, dtype=dtype)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum()
+
+
+def same_memory_format(result: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``result`` in ``reference``'s memory format: channels_last inputs (CUDA training) stay channels_last
+    through the filter and the masking, so the encoder's convolutions get the layout they run fastest on."""
+    if reference.dim() == 4 and reference.is_contiguous(memory_format=torch.channels_last) \
+            and not reference.is_contiguous():
+        return result.contiguous(memory_format=torch.channels_last)
+    return result
 
 
 def blur_matrix(size: int, kernel_size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -70,7 +82,7 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: float) -> torch
     with torch.autocast(images.device.type, enabled=False):
         rows = blur_matrix(height, kernel_size, sigma, images.device, dtype)
         cols = blur_matrix(width, kernel_size, sigma, images.device, dtype)
-        return torch.matmul(rows, torch.matmul(images.to(dtype), cols.T))
+        return same_memory_format(torch.matmul(rows, torch.matmul(images.to(dtype), cols.T)), images)
 
 
 def blur_fill(images: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pretrain.fills import STRATEGIES, blur_fill, mean_fill, noise_fill, scaled_kernel
+from pretrain.fills import STRATEGIES, blur_fill, mean_fill, noise_fill, same_memory_format, scaled_kernel
 from pretrain.saliency import SaliencyMaps
 
 
@@ -232,7 +232,7 @@ class SaliencyGuidedMasking:
         pixels = self.cell_pixels(cells, views.shape[2], views.shape[3])
         if self.config.strategy == "hp":
             pixels = pixels | self.focal_pixels(draws, views.shape, negative)
-        images = torch.where(pixels, self.fill(views, draws), views)
+        images = same_memory_format(torch.where(pixels, self.fill(views, draws), views), views)
         return MaskedViews(images=images, cells=cells, pixels=pixels, focal=draws.focal.clone())
 
 

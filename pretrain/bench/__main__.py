@@ -160,12 +160,12 @@ def subset_size(images: int, root: Path) -> int:
 
 
 def variant_overrides(args: argparse.Namespace, variant: Variant, root: Path, frozen: Path | None) -> list[str]:
-    images = subset_size((args.warmup + args.steps + 1) * args.batch, root)  # + the untimed last step
+    images = subset_size((args.warmup + args.steps) * args.batch, root)
     values = [
         f"data.root={root}", f"data.batch_size={args.batch}", f"data.limit_train_images={images}",
         f"model.arch={args.arch}", f"augment.image_size={args.size}", "train.epochs=1",
         f"train.device={args.device}", "knn.enabled=false", "visualize.enabled=false", "log.progress=false",
-        "log.every_steps=1000000", f"out_dir={args.work_dir / 'runs' / variant.name}",
+        "log.every_steps=1", f"out_dir={args.work_dir / 'runs' / variant.name}",  # every step logs alike
     ]
     splits = bn_splits(args.batch)
     if splits != 8:
@@ -260,23 +260,24 @@ def _jpeg_size(args: argparse.Namespace, root: Path) -> tuple[int, int] | None:
 def run_loader(args: argparse.Namespace, root: Path, result: dict[str, Any], save) -> None:
     if "images_per_s" in result.get("loader", {}):
         return
-    from pretrain.bench.loader_speed import imagenet_sized_copy, loader_benchmark
+    from pretrain.bench.loader_speed import imagenet_sized_copy, loader_batches, loader_benchmark
+    from pretrain.config import load_config
     from pretrain.data import find_images
 
-    warmup = 2
-    needed = subset_size((warmup + args.loader_batches) * args.batch, root)
+    config = CONFIG_DIR / args.scale / VARIANTS["hp"].config
+    common = [f"data.batch_size={args.batch}", f"augment.image_size={args.size}", f"model.arch={args.arch}",
+              "train.device=cpu", f"out_dir={args.work_dir / 'runs' / 'loader'}"]
+    workers = int(load_config(config, [f"data.root={root}", *common, *args.overrides]).data.num_workers)
+    batches = loader_batches(args.loader_batches, workers)
+    needed = subset_size(batches * args.batch, root)
     size = _jpeg_size(args, root)
     loader_root = root
     if size is not None:
         per_class = needed // len(find_images(root, "train")[0])
         loader_root = imagenet_sized_copy(root, args.work_dir / f"jpeg_{size[0]}x{size[1]}", per_class, size)
-    variant = VARIANTS["hp"]
-    overrides = [f"data.root={loader_root}", f"data.batch_size={args.batch}", f"data.limit_train_images={needed}",
-                 f"augment.image_size={args.size}", f"model.arch={args.arch}", "train.device=cpu",
-                 f"out_dir={args.work_dir / 'runs' / 'loader'}", *args.overrides]
+    overrides = [f"data.root={loader_root}", f"data.limit_train_images={needed}", *common, *args.overrides]
     try:
-        result["loader"] = loader_benchmark(CONFIG_DIR / args.scale / variant.config, overrides,
-                                            batches=args.loader_batches, warmup=warmup)
+        result["loader"] = loader_benchmark(config, overrides, batches)
         result["loader"]["resized_copy"] = list(size) if size else None
     except ValueError as err:
         result["loader"] = {"error": str(err)}

@@ -51,14 +51,15 @@ class UnmaskedExtraPasses:
 
 
 def _predecode(trainer) -> list[dict[str, Any]]:
-    """The epoch-0 batches of the trainer's dataset and sampler, decoded now (no workers)."""
+    """The epoch-0 batches of the trainer's dataset and sampler, decoded now (no workers; in pinned memory
+    for CUDA, as the engine's loader delivers them)."""
     from torch.utils.data import DataLoader
 
     from pretrain.data import collate_samples
 
     trainer.sampler.set_epoch(0)
     loader = DataLoader(trainer.train_set, batch_size=trainer.per_process_batch, sampler=trainer.sampler,
-                        num_workers=0, collate_fn=collate_samples)
+                        num_workers=0, collate_fn=collate_samples, pin_memory=trainer.device.type == "cuda")
     batches = []
     for raw in loader:
         batches.append(raw)
@@ -106,8 +107,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     trainer._seed()
     trainer._build_data()
-    # One untimed step after the timed ones: the engine logs (TensorBoard, loss check) on the last step.
-    trainer.steps_per_epoch = warmup + steps + 1
+    trainer.steps_per_epoch = warmup + steps
     data_mode = spec.get("data", "predecoded")
     if data_mode == "predecoded":
         decode_started = time.perf_counter()
