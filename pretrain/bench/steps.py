@@ -8,7 +8,7 @@ with an enabled :class:`~pretrain.timing.PhaseTimer`; a step hook records each s
 Data: with ``data: predecoded`` (the default) the batches are the real loader's (the real dataset, two-crop
 aug+ pipeline and sampler, on real JPEGs) decoded before the timing starts, so loader workers do not
 share the CPU cores with the timed steps; the ``data`` phase is then only the hand-over, and whether the
-loader keeps up is measured separately (:mod:`pretrain.bench.loader`). ``data: live`` times the steps
+loader keeps up is measured separately (:mod:`pretrain.bench.loader_speed`). ``data: live`` times the steps
 with the configured loader running alongside.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA; on the CPU the peak
