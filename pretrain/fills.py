@@ -14,7 +14,6 @@ the masked pixels. All act on normalized (N, C, H, W) views.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 STRATEGIES = ("hp", "blur", "mean")
 
@@ -23,8 +22,16 @@ def noise_fill(shape: torch.Size | tuple[int, ...], std: float, channelwise: tor
                generator: torch.Generator | None = None, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N, C, H, W) zero-mean Gaussian noise; rows where ``channelwise`` is False repeat channel 0."""
-    noise = torch.randn(shape, generator=generator, device=device, dtype=dtype) * std
-    return torch.where(channelwise[:, None, None, None], noise, noise[:, :1].expand_as(noise))
+    # normal_(0, std) draws exactly what randn(...) * std does, in one pass instead of two.
+    noise = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
+    channelwise = channelwise.to(noise.device, torch.bool)
+    if noise.shape[1] == 1:
+        return noise
+    if noise.device.type == "cpu":  # copy channel 0 into the spatial rows only: a fraction of a full pass
+        spatial = torch.nonzero(~channelwise).flatten()
+        noise[spatial, 1:] = noise[spatial, :1]
+        return noise
+    return torch.where(channelwise[:, None, None, None], noise, noise[:, :1])  # no host sync on a GPU
 
 
 def gaussian_kernel1d(kernel_size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -34,24 +41,48 @@ def gaussian_kernel1d(kernel_size: int, sigma: float, device=None, dtype=torch.f
     return kernel / kernel.sum()
 
 
+def same_memory_format(result: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``result`` in ``reference``'s memory format: channels_last inputs (CUDA training) stay channels_last
+    through the filter and the masking, so the encoder's convolutions get the layout they run fastest on."""
+    if reference.dim() == 4 and reference.is_contiguous(memory_format=torch.channels_last) \
+            and not reference.is_contiguous():
+        return result.contiguous(memory_format=torch.channels_last)
+    return result
+
+
+def blur_matrix(size: int, kernel_size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(size, size) matrix ``M`` with ``M @ v`` = the 1-D Gaussian blur of ``v`` with reflect padding
+    (replicate padding when the image is too small to reflect ``kernel_size // 2`` pixels)."""
+    kernel = gaussian_kernel1d(kernel_size, sigma, device, dtype)
+    pad = kernel_size // 2
+    rows = torch.arange(size, device=device)[:, None].expand(size, kernel_size)
+    source = rows + torch.arange(kernel_size, device=device)[None, :] - pad
+    if pad < size:  # reflect without repeating the edge: -1 -> 1, size -> size - 2
+        source = source.abs()
+        source = torch.where(source >= size, 2 * (size - 1) - source, source)
+    else:
+        source = source.clamp(0, size - 1)
+    matrix = torch.zeros(size, size, device=device, dtype=dtype)
+    return matrix.index_put_((rows, source), kernel.expand(size, kernel_size), accumulate=True)
+
+
 def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with reflect padding (the same result as torchvision's ``gaussian_blur``,
-    which convolves with the full 2-D kernel: a 31-tap blur is 15x cheaper done in two passes)."""
+    which convolves with the full 2-D kernel), as two matrix products ``M_h @ x @ M_w^T``.
+
+    A 1-channel convolution takes a slow path on the CPU (im2col): the banded matrices, padding folded in,
+    run as dense GEMMs 5-20x faster at 64-224 px. Autocast is off inside, so the filter keeps the input's
+    precision under AMP (a high-pass is a small difference of large values)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     if kernel_size == 1:
         return images
-    n, c, h, w = images.shape
-    kernel = gaussian_kernel1d(kernel_size, sigma, images.device, images.dtype)
-    pad = kernel_size // 2
-    if pad >= h or pad >= w:  # reflect padding needs pad < size; fall back to replicate on tiny images
-        mode = "replicate"
-    else:
-        mode = "reflect"
-    flat = images.reshape(n * c, 1, h, w)
-    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
-    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode=mode), kernel.view(1, 1, -1, 1))
-    return flat.reshape(n, c, h, w)
+    height, width = images.shape[-2:]
+    dtype = images.dtype if images.is_floating_point() else torch.float32
+    with torch.autocast(images.device.type, enabled=False):
+        rows = blur_matrix(height, kernel_size, sigma, images.device, dtype)
+        cols = blur_matrix(width, kernel_size, sigma, images.device, dtype)
+        return same_memory_format(torch.matmul(rows, torch.matmul(images.to(dtype), cols.T)), images)
 
 
 def blur_fill(images: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:

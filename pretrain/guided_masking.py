@@ -118,7 +118,8 @@ class GuidedMasking:
 
     def prepare(self, batch, key_encode: KeyEncoder, generator: torch.Generator | None = None,
                 timer: PhaseTimer = NULL_TIMER) -> PreparedViews:
-        query, key = self.input_filter(batch.query), self.input_filter(batch.key)
+        with timer("input_filter"):
+            query, key = self.input_filter(batch.query), self.input_filter(batch.key)
         if not self.enabled:
             with timer("key_forward"):
                 embedding, _ = key_encode(key, False)

@@ -3,7 +3,7 @@
 A method wraps each phase of its step in ``with timer("masking"): ...``. The default timer does nothing;
 an enabled one synchronizes CUDA around each phase (only then, so normal training never waits) and
 accumulates wall time per phase name. Phase names used by the engine and the built-in methods:
-``data``, ``saliency``, ``masking``, ``key_forward``, ``hard_negative_forward``, ``query_forward``,
+``data``, ``input_filter``, ``saliency``, ``masking``, ``key_forward``, ``hard_negative_forward``, ``query_forward``,
 ``loss``, ``backward``, ``optimizer``, ``momentum_update``.
 """
 
