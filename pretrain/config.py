@@ -20,6 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.masking import MaskingParams
+
 BASE_KEY = "_base_"
 STRATEGIES = ("hp", "blur", "mean")
 MASK_BRANCHES = ("query", "key", "both")
@@ -68,8 +70,8 @@ class ModelConfig:
 
 
 @dataclass
-class MaskingSection:
-    """Where and how to mask (SPEC 1.2-1.4); the field names below ``alpha`` mirror ``MaskingConfig``."""
+class MaskingSection(MaskingParams):
+    """Whether, on which branch and with which strategy to mask; the masking parameters are ``MaskingParams``."""
 
     name: str = "none"  # none | saliency | mscn (guided machinery) | adios (set by the ADIOS methods)
     strategy: str | None = None  # hp | blur | mean (required when masking)
@@ -78,20 +80,6 @@ class MaskingSection:
     input_filter: dict[str, Any] = field(
         default_factory=lambda: {"name": "highpass", "kernel_size": 11, "sigma": 5.0}
     )  # what "hp" applies to every view (recorded in the checkpoint); ignored by other strategies
-    grid: int = 7
-    query_ratio: tuple[float, float] = (0.05, 0.25)
-    fg_cap: float = 0.55
-    negative_ratio: tuple[float, float] = (0.4, 0.7)
-    num_hard_negatives: int = 1
-    reference_size: int = 224
-    noise_std_query: float = 0.18
-    noise_std_negative: float = 0.14
-    focal_p: float = 0.2
-    focal_query_window: int = 200
-    focal_negative_window: int = 130
-    channelwise_p: float = 0.7
-    blur_kernel: int = 31
-    blur_sigma: float = 10.0
 
 
 @dataclass

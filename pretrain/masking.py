@@ -29,8 +29,9 @@ from pretrain.saliency import SaliencyMaps
 
 
 @dataclass
-class MaskingConfig:
-    strategy: str = "hp"  # "hp" | "blur" | "mean"
+class MaskingParams:
+    """Where and how much to mask and how to fill (SPEC 1.2-1.4); also the fields of the config's ``masking:``."""
+
     grid: int = 7
     query_ratio: tuple[float, float] = (0.05, 0.25)
     fg_cap: float = 0.55
@@ -45,6 +46,11 @@ class MaskingConfig:
     channelwise_p: float = 0.7
     blur_kernel: int = 31
     blur_sigma: float = 10.0
+
+
+@dataclass
+class MaskingConfig(MaskingParams):
+    strategy: str = "hp"  # "hp" | "blur" | "mean"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
