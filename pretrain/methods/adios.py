@@ -94,6 +94,10 @@ class AdiosMixin:
     find_unused_parameters = True  # the occlusion net is idle in the encoder half and vice versa
     base_method: str = ""
 
+    def __init__(self, cfg: Any, world: distributed.World, num_classes: int):
+        super().__init__(cfg, world, num_classes)  # the SSL method (next in the MRO) first
+        self._build_occluder()
+
     def _build_occluder(self) -> None:
         cfg = self.cfg
         opts = cfg.adios
@@ -256,10 +260,6 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
     config_section = "mocov2"
     base_method = "mocov2"
 
-    def __init__(self, cfg: Any, world: distributed.World, num_classes: int):
-        super().__init__(cfg, world, num_classes)
-        self._build_occluder()
-
     def _trained_encoders(self) -> list[nn.Module]:
         return [self.encoder_q]
 
@@ -288,10 +288,6 @@ class SimCLRAdios(AdiosMixin, SimCLR):
     name = "simclr_adios"
     config_section = "simclr"
     base_method = "simclr"
-
-    def __init__(self, cfg: Any, world: distributed.World, num_classes: int):
-        super().__init__(cfg, world, num_classes)
-        self._build_occluder()
 
     def _trained_encoders(self) -> list[nn.Module]:
         return [self.encoder]
