@@ -28,7 +28,6 @@ import collections
 import contextlib
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -281,10 +280,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # detectron2 v0.6 imports pkg_resources and torch.jit.script at import time; their deprecation
-    # warnings are not the user's concern here.
-    warnings.filterwarnings("ignore", message=".*pkg_resources.*")
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from transfer.d2compat import silence_import_warnings
+
+    silence_import_warnings()
     try:
         report = convert_to_detectron2(args.input, args.output, format=args.format, prefix=args.prefix,
                                        verify=args.verify, report_path=args.report, force=args.force,

@@ -112,6 +112,13 @@ def has_compiled_ops() -> bool:
     return _compiled_extension_present()
 
 
+def silence_import_warnings() -> None:
+    """Hide the deprecation warnings detectron2 v0.6 triggers at import time (pkg_resources,
+    torch.jit.script): they are not the user's concern in a command-line run."""
+    warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+
 def import_detectron2() -> types.ModuleType:
     """Apply the bridges and import detectron2, or fail with instructions if it is not installed."""
     apply()

@@ -25,7 +25,6 @@ import argparse
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,8 +442,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*pkg_resources.*")
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from transfer.d2compat import silence_import_warnings
+
+    silence_import_warnings()
     from transfer.d2_datasets import DatasetLayoutError
 
     try:
