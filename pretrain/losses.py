@@ -36,10 +36,18 @@ def moco_logits(
     hard_negatives: torch.Tensor | None = None,
     alpha: float = 1.0,
     sample0_negative: bool = False,
+    not_negative: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """InfoNCE logits (B, 1 + K [+ n]) and labels (all 0) for queries ``q``, keys ``k``, ``queue`` (K, D)."""
+    """InfoNCE logits (B, 1 + K [+ n]) and labels (all 0) for queries ``q``, keys ``k``, ``queue`` (K, D).
+
+    ``not_negative`` (B, K) bool marks queue entries that must not count as a query's negatives (e.g. an
+    older key of the same image); their logits are -inf, so they add nothing to the loss or its gradient.
+    """
     positive = (q * k).sum(dim=1, keepdim=True)
-    parts = [positive, q @ queue.t()]
+    queue_logits = q @ queue.t()
+    if not_negative is not None:
+        queue_logits = queue_logits.masked_fill(not_negative, float("-inf"))
+    parts = [positive, queue_logits]
     if hard_negatives is not None and hard_negatives.numel():
         parts.append(_hard_negative_logits(q, hard_negatives, alpha, sample0_negative))
     logits = torch.cat(parts, dim=1) / temperature

@@ -268,17 +268,17 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
         return keys.float()
 
     def _ssl_losses(self, views, inputs, train_encoder):
-        queue = self.queue[:int(self.queue_filled)].clone().detach()  # mocov2.queue_init=empty: real keys only
+        queue, own = self._queue_negatives(inputs.batch.index, inputs.keys)  # only real keys with mocov2.queue_init=empty
         losses, accuracies = [], []
         for view in views:
             queries = self.encoder_q(view).float()
-            logits, labels = moco_logits(queries, inputs.keys, queue, self.temperature)
+            logits, labels = moco_logits(queries, inputs.keys, queue, self.temperature, not_negative=own)
             losses.append(contrastive_loss(logits, labels))
             accuracies.append(contrastive_accuracy(logits.detach(), labels))
         return losses, accuracies
 
     def _finish_step(self, inputs: AdiosInputs) -> None:
-        self._enqueue(inputs.keys)
+        self._enqueue(inputs.keys, inputs.batch.index)
         self._momentum_update()
 
 

@@ -42,6 +42,16 @@ class MoCoV2Config:
     head_bn: bool = False  # MoCo v2's head has no BN; BN (as in MoCo v3/SimCLR) stabilizes tiny-scale runs
     shuffle_bn: str = "auto"  # auto | ddp (shuffle across processes) | split (split BN) | none
     bn_splits: int = 8
+    # An older key of the query's own image still in the queue is a false negative. Negligible when the
+    # queue is a small part of the dataset (16,384 of 126,689 for ImageNet-100); on small sets, where the
+    # queue holds most of the images, it pushes every query away from its own image once the encoder
+    # settles. True drops those entries from the query's negatives.
+    exclude_own_keys: bool = False
+    # The other keys of the current batch join the negatives (as in MoCo v3) besides the queue. Without
+    # them every negative comes from an older key encoder than the positive does, and on a short run the
+    # encoder can match query and positive by "made by the newest encoder" alone: the loss sits near
+    # ln(K+1) with contrastive accuracy near 100% and the embeddings collapse into a drifting cone.
+    batch_negatives: bool = False
 
 
 class MoCoV2(Method):
@@ -61,6 +71,10 @@ class MoCoV2(Method):
         queue = F.normalize(torch.randn(int(opts.queue_size), int(opts.head_out_dim)), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # Dataset index of the image behind each queue entry (-1: the random initial entries).
+        self.register_buffer("queue_index", torch.full((int(opts.queue_size),), -1, dtype=torch.long))
+        self.exclude_own_keys = bool(opts.exclude_own_keys)
+        self.batch_negatives = bool(opts.batch_negatives)
         if str(opts.queue_init) not in ("random", "empty"):
             raise ValueError(f"mocov2.queue_init must be 'random' or 'empty', got '{opts.queue_init}'")
         filled = int(opts.queue_size) if opts.queue_init == "random" else 0
@@ -107,18 +121,40 @@ class MoCoV2(Method):
         activation = distributed.unshuffle_across_processes(activation, inverse) if need_activation else None
         return keys, activation
 
+    def _queue_negatives(self, image_index: torch.Tensor, keys: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The negatives of this step's queries and which of them are a query's own image (or None).
+
+        The filled part of the queue, plus with ``batch_negatives`` the keys of the whole current (global)
+        batch; entries of the query's own image are marked when ``exclude_own_keys`` or ``batch_negatives``
+        is on (its current key is the positive, so it must not also be a negative).
+        """
+        filled = int(self.queue_filled)
+        queue, queue_index = self.queue[:filled].clone().detach(), self.queue_index[:filled]
+        if self.batch_negatives and keys is not None:
+            queue = torch.cat([queue, distributed.gather_no_grad(keys.detach()).to(queue.dtype)])
+            queue_index = torch.cat([queue_index, distributed.gather_no_grad(image_index.to(queue_index.device))])
+        if not (self.exclude_own_keys or self.batch_negatives):
+            return queue, None
+        own = queue_index.unsqueeze(0) == image_index.to(queue_index.device).unsqueeze(1)
+        return queue, own
+
     @torch.no_grad()
     def _momentum_update(self) -> None:
         for q, k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             k.mul_(self.momentum).add_(q.detach(), alpha=1.0 - self.momentum)
 
     @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor) -> None:
+    def _enqueue(self, keys: torch.Tensor, image_index: torch.Tensor | None = None) -> None:
         keys = distributed.gather_no_grad(keys)
         size = self.queue.shape[0]
         ptr = int(self.queue_ptr)
         index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
         self.queue[index] = keys.to(self.queue.dtype)
+        if image_index is None:
+            self.queue_index[index] = -1
+        else:
+            self.queue_index[index] = distributed.gather_no_grad(image_index.to(self.queue_index.device))
         self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
         self.queue_filled.fill_(min(size, int(self.queue_filled) + keys.shape[0]))
 
@@ -135,14 +171,18 @@ class MoCoV2(Method):
         with timer("query_forward"):
             queries = self.encoder_q(prepared.query)
         with timer("loss"):
+            queued = int(self.queue_filled)
+            queue, own = self._queue_negatives(batch.index, keys)
             logits, labels = moco_logits(
-                queries.float(), keys.float(), self.queue[:int(self.queue_filled)].clone().detach(), self.temperature,
+                queries.float(), keys.float(), queue, self.temperature,
                 hard_negatives=None if hard is None else hard.float(), alpha=self.masking.alpha,
-                sample0_negative=bool(self.cfg.compat.released_code),
+                sample0_negative=bool(self.cfg.compat.released_code), not_negative=own,
             )
             loss = contrastive_loss(logits, labels)
-            self._enqueue(keys)
+            self._enqueue(keys, batch.index)
         metrics = {"contrastive_acc": contrastive_accuracy(logits.detach(), labels), **prepared.metrics()}
+        if own is not None:  # share of queries with an older key of their own image in the queue
+            metrics["own_keys_in_queue"] = float(own[:, :queued].any(dim=1).float().mean()) * 100
         return StepOutput(loss, metrics)
 
     def after_step(self, runner: StepRunner) -> None:
@@ -152,6 +192,20 @@ class MoCoV2(Method):
 
     def attach_dataset(self, files: list[str], build: bool) -> None:
         self.masking.attach_dataset(files, self.cfg, self.world.device, build)
+        self.dataset_size = len(files)
+
+    def own_key_share(self) -> float:
+        """Expected share of queries that meet an older key of their own image in the queue (no exclusion).
+
+        With the data reshuffled every epoch, an image's previous key is still queued when fewer than
+        ``queue_size`` samples passed since: probability (K/N)^2 / 2 for a queue of K keys and N images,
+        1 once the queue holds a whole epoch.
+        """
+        size = getattr(self, "dataset_size", 0)
+        if not size:
+            return 0.0
+        ratio = self.queue.shape[0] / size
+        return 1.0 if ratio >= 1 else ratio * ratio / 2
 
     def meta(self) -> dict[str, Any]:
         return {"method": self.name, **self.masking.meta(), "shuffle_bn": self.shuffle_bn,
@@ -164,7 +218,16 @@ class MoCoV2(Method):
                      "sub-batches in both encoders + key batch shuffled before its forward",
             "none": "shuffle-BN off: plain batch-norm (not recommended: MoCo can cheat through BN)",
         }
-        return [lines[self.shuffle_bn]]
+        out = [lines[self.shuffle_bn]]
+        share = self.own_key_share()
+        if self.exclude_own_keys:
+            out.append("queue: older keys of a query's own image are left out of its negatives (mocov2.exclude_own_keys)")
+        elif share > 0.05:
+            out.append(f"note: the queue ({self.queue.shape[0]} keys) spans {self.queue.shape[0] / self.dataset_size:.0%} "
+                       f"of the {self.dataset_size} training images, so about {share:.0%} of the queries meet an older "
+                       "key of their own image among their negatives (as in MoCo v2 as published); "
+                       "mocov2.exclude_own_keys=true leaves them out, a smaller mocov2.queue_size makes them rarer")
+        return out
 
     @torch.no_grad()
     def pictures(self, batch: Any, generator: torch.Generator) -> dict[str, Any]:

@@ -94,3 +94,20 @@ def test_nt_xent_split_over_processes_equals_global_batch():
 def test_accuracy_counts_the_positive_winning():
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
     assert contrastive_accuracy(logits, torch.tensor([0, 0])).item() == 50.0
+
+
+def test_moco_entries_marked_not_negative_drop_out_of_the_loss():
+    batch, dim, queue_size, temperature = 4, 8, 6, 0.2
+    q, k, queue = _unit(batch, dim, seed=1), _unit(batch, dim, seed=2), _unit(queue_size, dim, seed=3)
+    not_negative = torch.zeros(batch, queue_size, dtype=torch.bool)
+    not_negative[0, 2] = not_negative[3, [0, 5]] = True
+    logits, labels = moco_logits(q, k, queue, temperature, not_negative=not_negative)
+    loss = contrastive_loss(logits, labels)
+    # the same loss as with each query's own queue lacking the marked entries
+    direct = []
+    for b in range(batch):
+        kept = queue[~not_negative[b]]
+        row, _ = moco_logits(q[b:b + 1], k[b:b + 1], kept, temperature)
+        direct.append(contrastive_loss(row, labels[:1]))
+    assert torch.isclose(loss, torch.stack(direct).mean())
+    assert torch.isinf(logits[0, 1 + 2]) and torch.isfinite(logits[1]).all()

@@ -105,3 +105,78 @@ def test_empty_queue_start_uses_only_real_keys_as_negatives(monkeypatch):
     for _ in range(4):
         moco(batch)
     assert widths == [0, 4, 8, 10]  # the queue grows by one batch per step up to its size
+
+
+def _batch_of(index):
+    from pretrain.augment import TwoViewBatch
+
+    n = len(index)
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * n)
+    no_flip = torch.zeros(n, dtype=torch.bool)
+    return TwoViewBatch(torch.randn(n, 3, 32, 32), torch.randn(n, 3, 32, 32), box, box, no_flip, no_flip,
+                        torch.zeros(n, dtype=torch.long), torch.tensor(index))
+
+
+def test_exclude_own_keys_drops_older_keys_of_the_same_image_from_the_negatives(monkeypatch):
+    import pretrain.methods.mocov2 as module
+
+    seen = []
+    original = module.moco_logits
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("not_negative"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "moco_logits", spy)
+    moco = _moco("mocov2.exclude_own_keys=true", "mocov2.queue_init=empty")
+    moco(_batch_of([0, 1, 2, 3]))
+    out = moco(_batch_of([3, 7, 1, 9]))  # images 3 and 1 have a key from the first step in the queue
+    assert moco.queue_index[:8].tolist() == [0, 1, 2, 3, 3, 7, 1, 9]
+    own = seen[-1]
+    assert own.shape == (4, 4)
+    assert own.tolist() == [[False, False, False, True], [False] * 4, [False, True, False, False], [False] * 4]
+    assert out.metrics["own_keys_in_queue"] == 50.0
+    # off (MoCo v2 as published): every queue entry is a negative
+    plain = _moco("mocov2.queue_init=empty", "mocov2.exclude_own_keys=false")
+    plain(_batch_of([0, 1, 2, 3]))
+    plain(_batch_of([3, 7, 1, 9]))
+    assert seen[-1] is None and "own_keys_in_queue" not in plain(_batch_of([0, 1, 2, 3])).metrics
+
+
+def test_a_queue_spanning_most_of_the_dataset_is_reported():
+    moco = _moco("mocov2.queue_size=1024", "mocov2.exclude_own_keys=false")
+    moco.attach_dataset([f"{i}.jpg" for i in range(1152)], build=True)
+    assert abs(moco.own_key_share() - (1024 / 1152) ** 2 / 2) < 1e-9
+    notes = [line for line in moco.describe() if line.startswith("note: the queue")]
+    assert len(notes) == 1 and "40%" in notes[0] and "mocov2.exclude_own_keys=true" in notes[0]
+    big = _moco("mocov2.queue_size=1024", "mocov2.exclude_own_keys=false")
+    big.attach_dataset([f"{i}.jpg" for i in range(126_689)], build=True)  # ImageNet-100: negligible
+    assert big.own_key_share() < 0.001 and not any(line.startswith("note: the queue") for line in big.describe())
+    excluding = _moco("mocov2.queue_size=1024", "mocov2.exclude_own_keys=true")
+    excluding.attach_dataset([f"{i}.jpg" for i in range(1152)], build=True)
+    assert any("exclude_own_keys" in line for line in excluding.describe())
+    assert not any(line.startswith("note: the queue") for line in excluding.describe())
+
+
+def test_batch_negatives_add_the_other_current_keys_but_never_the_positive(monkeypatch):
+    import pretrain.methods.mocov2 as module
+
+    seen = []
+    original = module.moco_logits
+
+    def spy(q, k, queue, *args, **kwargs):
+        seen.append((queue, kwargs.get("not_negative")))
+        return original(q, k, queue, *args, **kwargs)
+
+    monkeypatch.setattr(module, "moco_logits", spy)
+    moco = _moco("mocov2.batch_negatives=true", "mocov2.exclude_own_keys=false", "mocov2.queue_init=empty")
+    moco(_batch_of([0, 1, 2, 3]))
+    queue, own = seen[-1]
+    assert queue.shape[0] == 4 and own.tolist() == [[i == j for j in range(4)] for i in range(4)]
+    moco(_batch_of([5, 6, 0, 8]))
+    queue, own = seen[-1]
+    assert queue.shape[0] == 8  # 4 queued keys + the 4 current ones
+    assert own[:, 4:].tolist() == [[i == j for j in range(4)] for i in range(4)]  # the positive itself
+    assert own[2, :4].tolist() == [True, False, False, False]  # image 0's older key also leaves
+    # the toy configs keep own keys out; MoCo v2's paper configs do not
+    assert _moco().exclude_own_keys is True and _moco().batch_negatives is False
