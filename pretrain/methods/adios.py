@@ -268,7 +268,9 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
         return keys.float()
 
     def _ssl_losses(self, views, inputs, train_encoder):
-        queue, own = self._queue_negatives(inputs.batch.index, inputs.keys)  # only real keys with mocov2.queue_init=empty
+        # only real keys with mocov2.queue_init=empty; the current batch joins only with batch_negatives
+        current = self._gather_batch(inputs.keys, inputs.batch.index) if self.batch_negatives else (None, None)
+        queue, own = self._queue_negatives(inputs.batch.index, *current)
         losses, accuracies = [], []
         for view in views:
             queries = self.encoder_q(view).float()

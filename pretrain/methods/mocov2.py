@@ -42,10 +42,10 @@ class MoCoV2Config:
     head_bn: bool = False  # MoCo v2's head has no BN; BN (as in MoCo v3/SimCLR) stabilizes tiny-scale runs
     shuffle_bn: str = "auto"  # auto | ddp (shuffle across processes) | split (split BN) | none
     bn_splits: int = 8
-    # An older key of the query's own image still in the queue is a false negative. Negligible when the
-    # queue is a small part of the dataset (16,384 of 126,689 for ImageNet-100); on small sets, where the
-    # queue holds most of the images, it pushes every query away from its own image once the encoder
-    # settles. True drops those entries from the query's negatives.
+    # An older key of the query's own image still in the queue is a false negative: about (K/N)^2/2 of
+    # the queries meet one (13% for the paper's 65,536 keys on ImageNet-100's 126,689 images, 40% on the
+    # toy set), and it pushes a query away from its own image once the encoder settles. True drops those
+    # entries from the query's negatives.
     exclude_own_keys: bool = False
     # The other keys of the current batch join the negatives (as in MoCo v3) besides the queue. Without
     # them every negative comes from an older key encoder than the positive does, and on a short run the
@@ -75,6 +75,9 @@ class MoCoV2(Method):
         self.register_buffer("queue_index", torch.full((int(opts.queue_size),), -1, dtype=torch.long))
         self.exclude_own_keys = bool(opts.exclude_own_keys)
         self.batch_negatives = bool(opts.batch_negatives)
+        # Which image each key came from is only needed (and only gathered across processes) when used.
+        self.tracks_images = self.exclude_own_keys or self.batch_negatives
+        self.dataset_size = 0  # set by attach_dataset
         if str(opts.queue_init) not in ("random", "empty"):
             raise ValueError(f"mocov2.queue_init must be 'random' or 'empty', got '{opts.queue_init}'")
         filled = int(opts.queue_size) if opts.queue_init == "random" else 0
@@ -121,20 +124,28 @@ class MoCoV2(Method):
         activation = distributed.unshuffle_across_processes(activation, inverse) if need_activation else None
         return keys, activation
 
-    def _queue_negatives(self, image_index: torch.Tensor, keys: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gather_batch(self, keys: torch.Tensor, image_index: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This step's keys of every process and, when tracked, their image indices (one gather each)."""
+        gathered_index = (distributed.gather_no_grad(image_index.to(self.queue_index.device))
+                          if self.tracks_images else None)
+        return distributed.gather_no_grad(keys.detach()), gathered_index
+
+    def _queue_negatives(self, image_index: torch.Tensor, batch_keys: torch.Tensor | None = None,
+                         batch_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The negatives of this step's queries and which of them are a query's own image (or None).
 
-        The filled part of the queue, plus with ``batch_negatives`` the keys of the whole current (global)
-        batch; entries of the query's own image are marked when ``exclude_own_keys`` or ``batch_negatives``
-        is on (its current key is the positive, so it must not also be a negative).
+        The filled part of the queue, plus with ``batch_negatives`` the gathered keys of the current global
+        batch (``batch_keys``/``batch_index`` from :meth:`_gather_batch`); entries of the query's own image
+        are marked when either option is on (its current key is the positive, so it must not also be a
+        negative).
         """
         filled = int(self.queue_filled)
         queue, queue_index = self.queue[:filled].clone().detach(), self.queue_index[:filled]
-        if self.batch_negatives and keys is not None:
-            queue = torch.cat([queue, distributed.gather_no_grad(keys.detach()).to(queue.dtype)])
-            queue_index = torch.cat([queue_index, distributed.gather_no_grad(image_index.to(queue_index.device))])
-        if not (self.exclude_own_keys or self.batch_negatives):
+        if self.batch_negatives and batch_keys is not None:
+            queue = torch.cat([queue, batch_keys.to(queue.dtype)])
+            queue_index = torch.cat([queue_index, batch_index])
+        if not self.tracks_images:
             return queue, None
         own = queue_index.unsqueeze(0) == image_index.to(queue_index.device).unsqueeze(1)
         return queue, own
@@ -146,15 +157,20 @@ class MoCoV2(Method):
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor, image_index: torch.Tensor | None = None) -> None:
-        keys = distributed.gather_no_grad(keys)
+        """Push this process's keys (and image indices) after gathering them from every process."""
+        if image_index is None:
+            self._store(distributed.gather_no_grad(keys), None)
+        else:
+            self._store(*self._gather_batch(keys, image_index))
+
+    @torch.no_grad()
+    def _store(self, keys: torch.Tensor, image_index: torch.Tensor | None) -> None:
+        """Write already gathered keys into the ring (image index -1 when not tracked)."""
         size = self.queue.shape[0]
         ptr = int(self.queue_ptr)
         index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
         self.queue[index] = keys.to(self.queue.dtype)
-        if image_index is None:
-            self.queue_index[index] = -1
-        else:
-            self.queue_index[index] = distributed.gather_no_grad(image_index.to(self.queue_index.device))
+        self.queue_index[index] = -1 if image_index is None else image_index
         self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
         self.queue_filled.fill_(min(size, int(self.queue_filled) + keys.shape[0]))
 
@@ -172,14 +188,15 @@ class MoCoV2(Method):
             queries = self.encoder_q(prepared.query)
         with timer("loss"):
             queued = int(self.queue_filled)
-            queue, own = self._queue_negatives(batch.index, keys)
+            batch_keys, batch_index = self._gather_batch(keys, batch.index)
+            queue, own = self._queue_negatives(batch.index, batch_keys, batch_index)
             logits, labels = moco_logits(
                 queries.float(), keys.float(), queue, self.temperature,
                 hard_negatives=None if hard is None else hard.float(), alpha=self.masking.alpha,
                 sample0_negative=bool(self.cfg.compat.released_code), not_negative=own,
             )
             loss = contrastive_loss(logits, labels)
-            self._enqueue(keys, batch.index)
+            self._store(batch_keys, batch_index)
         metrics = {"contrastive_acc": contrastive_accuracy(logits.detach(), labels), **prepared.metrics()}
         if own is not None:  # share of queries with an older key of their own image in the queue
             metrics["own_keys_in_queue"] = float(own[:, :queued].any(dim=1).float().mean()) * 100
@@ -201,10 +218,9 @@ class MoCoV2(Method):
         ``queue_size`` samples passed since: probability (K/N)^2 / 2 for a queue of K keys and N images,
         1 once the queue holds a whole epoch.
         """
-        size = getattr(self, "dataset_size", 0)
-        if not size:
+        if not self.dataset_size:
             return 0.0
-        ratio = self.queue.shape[0] / size
+        ratio = self.queue.shape[0] / self.dataset_size
         return 1.0 if ratio >= 1 else ratio * ratio / 2
 
     def meta(self) -> dict[str, Any]:
