@@ -99,13 +99,14 @@ class CompatConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | lars
+    name: str = "sgd"  # sgd | lars | adamw
     lr: float = 0.03  # absolute, for data.batch_size
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
     lars_eta: float = 0.02
-    lars_exclude_bias_and_norm: bool = True
+    lars_exclude_bias_and_norm: bool = True  # lars: no adaptation or decay for them; adamw: no decay
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = None  # max global grad norm
 
 
@@ -312,7 +313,8 @@ def validate(cfg: DictConfig) -> None:
             need(0.0 <= low <= high <= 1.0, f"masking.{name} must be [low, high] within [0, 1], got {[low, high]}")
     need(cfg.data.batch_size >= 2, "data.batch_size must be at least 2")
     need(cfg.train.epochs >= 1, "train.epochs must be at least 1")
-    need(cfg.optim.name in ("sgd", "lars"), f"optim.name must be 'sgd' or 'lars', got '{cfg.optim.name}'")
+    need(cfg.optim.name in ("sgd", "lars", "adamw"),
+         f"optim.name must be 'sgd', 'lars' or 'adamw', got '{cfg.optim.name}'")
     need(cfg.schedule.name in ("cosine", "constant"),
          f"schedule.name must be 'cosine' or 'constant', got '{cfg.schedule.name}'")
     need(cfg.train.amp in ("auto", "bf16", "fp16", "off"),

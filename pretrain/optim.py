@@ -5,6 +5,9 @@
   ``eta * ||w|| / (||g|| + wd * ||w||)`` (You et al. 2017); with ``clip`` the adapted rate is capped at
   the global rate (``min(trust / lr, 1)``), the usual SimCLR-on-ImageNet-100 recipe. With ``lars_exclude_bias_and_norm`` biases and norm parameters get neither adaptation nor
   weight decay (SimCLR practice).
+* ``adamw``: torch AdamW (MoCo v3's optimizer; betas from ``adam_betas``); with
+  ``lars_exclude_bias_and_norm`` biases and norm parameters get no weight decay. The toy configs use it:
+  at a few hundred steps from scratch it is the optimizer under which the toy runs learn (docs/pretraining.md).
 * Schedules are a function of the global step (cosine with optional linear warm-up), so a resumed run
   continues exactly without a scheduler state.
 """
@@ -72,7 +75,13 @@ def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], optim_
             groups.append({"params": plain, "weight_decay": 0.0, "lars": False})
         return LARS(groups, lr=lr, momentum=float(optim_cfg.momentum), weight_decay=wd,
                     eta=float(optim_cfg.lars_eta))
-    raise ValueError(f"unknown optimizer '{optim_cfg.name}': choose sgd or lars")
+    if optim_cfg.name == "adamw":
+        exclude = bool(optim_cfg.lars_exclude_bias_and_norm)
+        decayed = [p for n, p in params if not (exclude and is_bias_or_norm(n, p))]
+        undecayed = [p for n, p in params if exclude and is_bias_or_norm(n, p)]
+        groups = [{"params": decayed}] + ([{"params": undecayed, "weight_decay": 0.0}] if undecayed else [])
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(float(b) for b in optim_cfg.adam_betas), weight_decay=wd)
+    raise ValueError(f"unknown optimizer '{optim_cfg.name}': choose sgd, lars or adamw")
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, base_lr: float, schedule_cfg) -> float:

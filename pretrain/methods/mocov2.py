@@ -52,6 +52,9 @@ class MoCoV2Config:
     # encoder can match query and positive by "made by the newest encoder" alone: the loss sits near
     # ln(K+1) with contrastive accuracy near 100% and the embeddings collapse into a drifting cone.
     batch_negatives: bool = False
+    # queue_size: 0 keeps no queue: the negatives are the current batch's keys only (MoCo v3's negatives;
+    # needs batch_negatives). The toy configs use it: on a few hundred steps the queued keys of older
+    # encoders are told apart from the current key by age alone and the run does not learn (docs/pretraining.md).
 
 
 class MoCoV2(Method):
@@ -61,6 +64,9 @@ class MoCoV2(Method):
     def __init__(self, cfg: Any, world: distributed.World, num_classes: int):
         super().__init__(cfg, world, num_classes)
         opts = self.options
+        if int(opts.queue_size) < 0 or (int(opts.queue_size) == 0 and not bool(opts.batch_negatives)):
+            raise ValueError(f"mocov2.queue_size must be positive, or 0 with mocov2.batch_negatives=true (negatives "
+                             f"from the current batch only), got {opts.queue_size}")
         self.temperature, self.momentum = float(opts.temperature), float(opts.momentum)
         self.encoder_q = Encoder(self.arch, opts.head_hidden_dim, int(opts.head_out_dim), head_bn=bool(opts.head_bn),
                                  zero_init_residual=bool(cfg.model.zero_init_residual))
@@ -167,6 +173,8 @@ class MoCoV2(Method):
     def _store(self, keys: torch.Tensor, image_index: torch.Tensor | None) -> None:
         """Write already gathered keys into the ring (image index -1 when not tracked)."""
         size = self.queue.shape[0]
+        if size == 0:
+            return
         ptr = int(self.queue_ptr)
         index = (torch.arange(keys.shape[0], device=keys.device) + ptr) % size
         self.queue[index] = keys.to(self.queue.dtype)
@@ -236,7 +244,9 @@ class MoCoV2(Method):
         }
         out = [lines[self.shuffle_bn]]
         share = self.own_key_share()
-        if self.exclude_own_keys:
+        if self.queue.shape[0] == 0:
+            out.append("negatives: the current batch's keys only (mocov2.queue_size=0, no queue)")
+        elif self.exclude_own_keys:
             out.append("queue: older keys of a query's own image are left out of its negatives (mocov2.exclude_own_keys)")
         elif share > 0.05:
             out.append(f"note: the queue ({self.queue.shape[0]} keys) spans {self.queue.shape[0] / self.dataset_size:.0%} "

@@ -93,4 +93,4 @@ def test_runtime_keys_do_not_count_as_a_different_run():
     b = to_container(load_config(TOY_CONFIGS[0], ["data.root=/x", "data.num_workers=5", "out_dir=/elsewhere"]))
     c = to_container(load_config(TOY_CONFIGS[0], ["data.root=/x", "optim.lr=0.5"]))
     assert config_differences(without_runtime_keys(a), without_runtime_keys(b)) == []
-    assert config_differences(without_runtime_keys(a), without_runtime_keys(c)) == ["optim.lr: 0.06 -> 0.5"]
+    assert config_differences(without_runtime_keys(a), without_runtime_keys(c)) == [f"optim.lr: {a['optim']['lr']} -> 0.5"]

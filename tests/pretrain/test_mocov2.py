@@ -13,8 +13,9 @@ CONFIG = {p.stem: p for p in TOY_CONFIGS}
 
 
 def _moco(*overrides):
+    # a queue of 10 and no in-batch negatives (MoCo v2 as published) unless a test says otherwise
     cfg = load_config(CONFIG["mocov2"], ["data.root=/x", "mocov2.queue_size=10", "mocov2.bn_splits=2",
-                                         "data.batch_size=4", *overrides])
+                                         "mocov2.batch_negatives=false", "data.batch_size=4", *overrides])
     return MoCoV2(cfg, distributed.World(), num_classes=3)
 
 
@@ -178,5 +179,40 @@ def test_batch_negatives_add_the_other_current_keys_but_never_the_positive(monke
     assert queue.shape[0] == 8  # 4 queued keys + the 4 current ones
     assert own[:, 4:].tolist() == [[i == j for j in range(4)] for i in range(4)]  # the positive itself
     assert own[2, :4].tolist() == [True, False, False, False]  # image 0's older key also leaves
-    # the toy configs keep own keys out; MoCo v2's paper configs do not
-    assert _moco().exclude_own_keys is True and _moco().batch_negatives is False
+    # the toy configs take their negatives from the current batch only; MoCo v2's paper configs keep the queue
+    toy = load_config(CONFIG["mocov2"], ["data.root=/x"]).mocov2
+    assert toy.queue_size == 0 and toy.batch_negatives is True
+    paper = load_config(CONFIG["mocov2"].parents[1] / "paper" / "mocov2.yaml", ["data.root=/x"]).mocov2
+    assert paper.queue_size == 65536 and paper.batch_negatives is False and paper.exclude_own_keys is False
+
+
+def test_without_a_queue_the_negatives_are_the_other_keys_of_the_current_batch(monkeypatch):
+    import pretrain.methods.mocov2 as module
+
+    seen = []
+    original = module.moco_logits
+
+    def spy(q, k, queue, *args, **kwargs):
+        seen.append((queue.clone(), k.clone(), kwargs.get("not_negative")))
+        return original(q, k, queue, *args, **kwargs)
+
+    monkeypatch.setattr(module, "moco_logits", spy)
+    moco = _moco("mocov2.queue_size=0", "mocov2.batch_negatives=true")
+    assert moco.queue.shape[0] == 0
+    assert any("current batch's keys only" in line for line in moco.describe())
+    for index in ([0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]):
+        out = moco(_batch_of(index))
+        queue, keys, own = seen[-1]
+        assert torch.equal(queue, keys)  # nothing from earlier steps, only this step's keys
+        assert own.tolist() == [[i == j for j in range(4)] for i in range(4)]  # never the positive itself
+        assert torch.isfinite(out.loss) and out.loss > 0
+    assert moco.queue.shape[0] == 0 and int(moco.queue_filled) == 0
+
+
+def test_no_queue_needs_batch_negatives():
+    import pytest
+
+    with pytest.raises(ValueError, match="queue_size.*batch_negatives=true"):
+        _moco("mocov2.queue_size=0")
+    with pytest.raises(ValueError, match="queue_size"):
+        _moco("mocov2.queue_size=-4", "mocov2.batch_negatives=true")

@@ -37,3 +37,26 @@ def test_lars_step_matches_the_trust_ratio_formula():
     expected = w0 - 0.5 * (g0 + 1e-2 * w0) * min(trust / 0.5, 1.0)
     assert torch.allclose(weight, expected, atol=1e-6)
     assert torch.allclose(bias, b0 - 0.5 * gb0, atol=1e-6)  # excluded: plain SGD, no decay
+
+
+def test_adamw_decays_weights_but_not_biases_and_takes_adam_steps():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    bias = torch.nn.Parameter(torch.randn(4))
+    weight.grad, bias.grad = torch.randn(4, 3), torch.randn(4)
+    w0, g0, b0, gb0 = weight.detach().clone(), weight.grad.clone(), bias.detach().clone(), bias.grad.clone()
+    cfg = OmegaConf.create({"name": "adamw", "lr": 0.01, "weight_decay": 0.1, "adam_betas": [0.9, 0.999],
+                            "lars_exclude_bias_and_norm": True})
+    optimizer = build_optimizer([("layer.weight", weight), ("layer.bias", bias)], cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    optimizer.step()
+    # Adam's first step moves each entry by lr in the direction of -grad (bias-corrected m / sqrt(v) = sign)
+    assert torch.allclose(weight, w0 * (1 - 0.01 * 0.1) - 0.01 * g0.sign(), atol=1e-6)
+    assert torch.allclose(bias, b0 - 0.01 * gb0.sign(), atol=1e-6)
+
+
+def test_unknown_optimizer_names_the_choices():
+    cfg = OmegaConf.create({"name": "adam", "lr": 0.1, "weight_decay": 0.0})
+    with pytest.raises(ValueError, match="sgd, lars or adamw"):
+        build_optimizer([("w", torch.nn.Parameter(torch.ones(2)))], cfg)
