@@ -58,6 +58,14 @@ def is_bias_or_norm(name: str, parameter: nn.Parameter) -> bool:
     return parameter.ndim <= 1 or name.endswith(".bias")
 
 
+def _split_bias_and_norm(params: list[tuple[str, nn.Parameter]], exclude: bool
+                         ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, biases and norm parameters); with ``exclude`` False everything is in the first list."""
+    excluded = [exclude and is_bias_or_norm(n, p) for n, p in params]
+    return ([p for (_, p), out in zip(params, excluded) if not out],
+            [p for (_, p), out in zip(params, excluded) if out])
+
+
 def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], optim_cfg) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in named_parameters if p.requires_grad]
     if not params:
@@ -67,18 +75,14 @@ def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], optim_
         return torch.optim.SGD([p for _, p in params], lr=lr, momentum=float(optim_cfg.momentum),
                                weight_decay=wd, nesterov=bool(optim_cfg.nesterov))
     if optim_cfg.name == "lars":
-        exclude = bool(optim_cfg.lars_exclude_bias_and_norm)
-        adapted = [p for n, p in params if not (exclude and is_bias_or_norm(n, p))]
-        plain = [p for n, p in params if exclude and is_bias_or_norm(n, p)]
+        adapted, plain = _split_bias_and_norm(params, bool(optim_cfg.lars_exclude_bias_and_norm))
         groups = [{"params": adapted}]
         if plain:
             groups.append({"params": plain, "weight_decay": 0.0, "lars": False})
         return LARS(groups, lr=lr, momentum=float(optim_cfg.momentum), weight_decay=wd,
                     eta=float(optim_cfg.lars_eta))
     if optim_cfg.name == "adamw":
-        exclude = bool(optim_cfg.lars_exclude_bias_and_norm)
-        decayed = [p for n, p in params if not (exclude and is_bias_or_norm(n, p))]
-        undecayed = [p for n, p in params if exclude and is_bias_or_norm(n, p)]
+        decayed, undecayed = _split_bias_and_norm(params, bool(optim_cfg.lars_exclude_bias_and_norm))
         groups = [{"params": decayed}] + ([{"params": undecayed, "weight_decay": 0.0}] if undecayed else [])
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(float(b) for b in optim_cfg.adam_betas), weight_decay=wd)
     raise ValueError(f"unknown optimizer '{optim_cfg.name}': choose sgd, lars or adamw")

@@ -71,6 +71,10 @@ class AdiosInputs:
     batch: TwoViewBatch
     choice: torch.Tensor | None  # ADIOS-s: (B,) mask index per sample
     keys: torch.Tensor | None  # MoCo: the step's keys (momentum encoder, no gradient)
+    # MoCo, computed once for both halves: the keys (and tracked image indices) of every process, which
+    # the queue stores after the step, and the negatives with their own-image mask
+    gathered: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    negatives: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 @contextlib.contextmanager
@@ -267,10 +271,16 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
         keys, _ = self._encode_keys(self.input_filter(batch.key), False)
         return keys.float()
 
+    def step_inputs(self, runner: StepRunner, batch: TwoViewBatch) -> AdiosInputs:
+        inputs = super().step_inputs(runner, batch)
+        # one gather and one negative set per step, shared by both halves and the enqueue; the queue holds
+        # only real keys with mocov2.queue_init=empty, and the current batch joins only with batch_negatives
+        inputs.gathered = self._gather_batch(inputs.keys, batch.index)
+        inputs.negatives = self._queue_negatives(batch.index, *inputs.gathered)
+        return inputs
+
     def _ssl_losses(self, views, inputs, train_encoder):
-        # only real keys with mocov2.queue_init=empty; the current batch joins only with batch_negatives
-        current = self._gather_batch(inputs.keys, inputs.batch.index) if self.batch_negatives else (None, None)
-        queue, own = self._queue_negatives(inputs.batch.index, *current)
+        queue, own = inputs.negatives
         losses, accuracies = [], []
         for view in views:
             queries = self.encoder_q(view).float()
@@ -280,7 +290,7 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
         return losses, accuracies
 
     def _finish_step(self, inputs: AdiosInputs) -> None:
-        self._enqueue(inputs.keys, inputs.batch.index)
+        self._store(*inputs.gathered)
         self._momentum_update()
 
 

@@ -22,12 +22,17 @@ def test_cosine_with_warmup():
     assert lr_at(33, 40, 10, 0.3, constant) == 0.3
 
 
-def test_lars_step_matches_the_trust_ratio_formula():
+def _layer_with_gradients():
+    """A weight and a bias with random values and gradients, plus copies of all four."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(4, 3))
     bias = torch.nn.Parameter(torch.randn(4))
     weight.grad, bias.grad = torch.randn(4, 3), torch.randn(4)
-    w0, g0, b0, gb0 = weight.detach().clone(), weight.grad.clone(), bias.detach().clone(), bias.grad.clone()
+    return weight, bias, (weight.detach().clone(), weight.grad.clone(), bias.detach().clone(), bias.grad.clone())
+
+
+def test_lars_step_matches_the_trust_ratio_formula():
+    weight, bias, (w0, g0, b0, gb0) = _layer_with_gradients()
     cfg = OmegaConf.create({"name": "lars", "lr": 0.5, "momentum": 0.9, "weight_decay": 1e-2, "lars_eta": 0.02,
                             "lars_exclude_bias_and_norm": True, "nesterov": False})
     optimizer = build_optimizer([("layer.weight", weight), ("layer.bias", bias)], cfg)
@@ -40,11 +45,7 @@ def test_lars_step_matches_the_trust_ratio_formula():
 
 
 def test_adamw_decays_weights_but_not_biases_and_takes_adam_steps():
-    torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(4, 3))
-    bias = torch.nn.Parameter(torch.randn(4))
-    weight.grad, bias.grad = torch.randn(4, 3), torch.randn(4)
-    w0, g0, b0, gb0 = weight.detach().clone(), weight.grad.clone(), bias.detach().clone(), bias.grad.clone()
+    weight, bias, (w0, g0, b0, gb0) = _layer_with_gradients()
     cfg = OmegaConf.create({"name": "adamw", "lr": 0.01, "weight_decay": 0.1, "adam_betas": [0.9, 0.999],
                             "lars_exclude_bias_and_norm": True})
     optimizer = build_optimizer([("layer.weight", weight), ("layer.bias", bias)], cfg)
