@@ -138,6 +138,20 @@ def test_commands_follow_the_parts_contract(tmp_path):
     assert "pictures/mocov2_hp" not in command  # copied from the run dir inside the driver
 
 
+def _last_epochs(command: list[str]) -> int:
+    return int([arg for arg in command if arg.startswith("train.epochs=")][-1].split("=")[1])
+
+
+def test_toy_supervised_row_gets_the_image_passes_of_the_ssl_rows(tmp_path):
+    # One view per image against the SSL rows' two: the method's override comes after the preset's schedule.
+    config = preset("toy")
+    plan = build_plan(config, Selection(methods=["supervised", "mocov2"]))
+    ws = workspace(config, tmp_path)
+    epochs = {m: _last_epochs(KINDS["pretrain"].command(plan.cells[f"pretrain/{m}/seed0"], ws, {}))
+              for m in ("supervised", "mocov2")}
+    assert epochs == {"supervised": 6, "mocov2": 3}
+
+
 def test_several_gpus_launch_torchrun_and_detectron2_workers(tmp_path):
     config = preset("paper")
     plan = build_plan(config, Selection(methods=["mocov2"]))
