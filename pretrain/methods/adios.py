@@ -264,6 +264,12 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
     config_section = "mocov2"
     base_method = "mocov2"
 
+    def __init__(self, cfg: Any, world: distributed.World, num_classes: int):
+        super().__init__(cfg, world, num_classes)
+        if self.symmetric:
+            raise ValueError("mocov2.symmetric is not available with ADIOS (its min-max step masks one query "
+                             "view); set mocov2.symmetric=false")
+
     def _trained_encoders(self) -> list[nn.Module]:
         return [self.encoder_q]
 

@@ -15,6 +15,7 @@ recorded in the checkpoint meta (``shuffle_bn``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain import distributed
+from pretrain.augment import TwoViewBatch
 from pretrain.encoder import Encoder, batch_stats_frozen
 from pretrain.guided_masking import GuidedMasking
 from pretrain.losses import contrastive_accuracy, contrastive_loss, moco_logits
@@ -52,9 +54,31 @@ class MoCoV2Config:
     # encoder can match query and positive by "made by the newest encoder" alone: the loss sits near
     # ln(K+1) with contrastive accuracy near 100% and the embeddings collapse into a drifting cone.
     batch_negatives: bool = False
+    # Symmetric loss (as MoCo v3 and the MoCo authors' CIFAR demo): each view is also the query of the other,
+    # the two directions' losses are averaged and both key sets are enqueued. Twice the encoder passes per
+    # step for twice the training signal; MoCo v2 as published is asymmetric (false).
+    symmetric: bool = False
     # queue_size: 0 keeps no queue: the negatives are the current batch's keys only (MoCo v3's negatives;
     # needs batch_negatives). The toy configs use it: on a few hundred steps the queued keys of older
     # encoders are told apart from the current key by age alone and the run does not learn (docs/pretraining.md).
+
+
+@dataclass
+class _Direction:
+    """One query -> key direction of a step."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    prepared: Any
+    batch_keys: torch.Tensor  # this step's keys of every process (gathered)
+    batch_index: torch.Tensor | None
+    own: torch.Tensor | None
+
+
+def swap_views(batch: TwoViewBatch) -> TwoViewBatch:
+    """The same batch with query and key views (and their geometry) exchanged."""
+    return dataclasses.replace(batch, query=batch.key, key=batch.query, query_box=batch.key_box,
+                               key_box=batch.query_box, query_flip=batch.key_flip, key_flip=batch.query_flip)
 
 
 class MoCoV2(Method):
@@ -68,6 +92,7 @@ class MoCoV2(Method):
             raise ValueError(f"mocov2.queue_size must be positive, or 0 with mocov2.batch_negatives=true (negatives "
                              f"from the current batch only), got {opts.queue_size}")
         self.temperature, self.momentum = float(opts.temperature), float(opts.momentum)
+        self.symmetric = bool(opts.symmetric)
         self.encoder_q = Encoder(self.arch, opts.head_hidden_dim, int(opts.head_out_dim), head_bn=bool(opts.head_bn),
                                  zero_init_residual=bool(cfg.model.zero_init_residual))
         self.shuffle_bn = self._choose_shuffle_bn(str(opts.shuffle_bn), world)
@@ -185,6 +210,22 @@ class MoCoV2(Method):
     # ------------------------------------------------------------------------------------------- step
 
     def forward(self, batch: Any, phase: str = "main") -> StepOutput:
+        queued = int(self.queue_filled)
+        directions = [batch, swap_views(batch)] if self.symmetric else [batch]
+        # every direction contrasts against the queue as it was before this step; the keys join it after
+        results = [self._contrast(views) for views in directions]
+        with self.timer("loss"):
+            loss = torch.stack([r.loss for r in results]).mean()
+            self._store(torch.cat([r.batch_keys for r in results]),
+                        None if results[0].batch_index is None else torch.cat([r.batch_index for r in results]))
+        first = results[0]
+        metrics = {"contrastive_acc": sum(r.accuracy for r in results) / len(results), **first.prepared.metrics()}
+        if first.own is not None:  # share of queries with an older key of their own image in the queue
+            metrics["own_keys_in_queue"] = float(first.own[:, :queued].any(dim=1).float().mean()) * 100
+        return StepOutput(loss, metrics)
+
+    def _contrast(self, batch: Any) -> _Direction:
+        """InfoNCE of ``batch.query`` (masked as configured) against ``batch.key`` and the negatives."""
         timer = self.timer
         prepared = self.masking.prepare(batch, self._encode_keys, self.mask_generator, timer)
         keys = prepared.key_embedding
@@ -195,7 +236,6 @@ class MoCoV2(Method):
         with timer("query_forward"):
             queries = self.encoder_q(prepared.query)
         with timer("loss"):
-            queued = int(self.queue_filled)
             batch_keys, batch_index = self._gather_batch(keys, batch.index)
             queue, own = self._queue_negatives(batch.index, batch_keys, batch_index)
             logits, labels = moco_logits(
@@ -204,11 +244,7 @@ class MoCoV2(Method):
                 sample0_negative=bool(self.cfg.compat.released_code), not_negative=own,
             )
             loss = contrastive_loss(logits, labels)
-            self._store(batch_keys, batch_index)
-        metrics = {"contrastive_acc": contrastive_accuracy(logits.detach(), labels), **prepared.metrics()}
-        if own is not None:  # share of queries with an older key of their own image in the queue
-            metrics["own_keys_in_queue"] = float(own[:, :queued].any(dim=1).float().mean()) * 100
-        return StepOutput(loss, metrics)
+        return _Direction(loss, contrastive_accuracy(logits.detach(), labels), prepared, batch_keys, batch_index, own)
 
     def after_step(self, runner: StepRunner) -> None:
         self._momentum_update()
@@ -243,6 +279,8 @@ class MoCoV2(Method):
             "none": "shuffle-BN off: plain batch-norm (not recommended: MoCo can cheat through BN)",
         }
         out = [lines[self.shuffle_bn]]
+        if self.symmetric:
+            out.append("symmetric loss: each view is also the query of the other (mocov2.symmetric)")
         share = self.own_key_share()
         if self.queue.shape[0] == 0:
             out.append("negatives: the current batch's keys only (mocov2.queue_size=0, no queue)")

@@ -175,3 +175,5 @@ def test_adios_configs_refuse_what_adios_cannot_do(toy_root, tmp_path):
         load_config(TOY / "mocov2.yaml", tiny_overrides(toy_root, tmp_path, "mocov2", **{"masking.name": "adios"}))
     with pytest.raises(ValueError, match="masks the query view only"):
         _built(_cfg("simclr_adios", toy_root, tmp_path, **{"masking.branch": "key"}))
+    with pytest.raises(ValueError, match="symmetric is not available with ADIOS"):
+        _built(_cfg("mocov2_adios", toy_root, tmp_path, **{"mocov2.symmetric": True}))

@@ -216,3 +216,26 @@ def test_no_queue_needs_batch_negatives():
         _moco("mocov2.queue_size=0")
     with pytest.raises(ValueError, match="queue_size"):
         _moco("mocov2.queue_size=-4", "mocov2.batch_negatives=true")
+
+
+def test_symmetric_loss_is_the_mean_of_both_directions_and_enqueues_both_key_sets():
+    from pretrain.methods.mocov2 import swap_views
+
+    torch.manual_seed(0)
+    batch = _batch_of([0, 1, 2, 3])
+    swapped = swap_views(batch)
+    assert torch.equal(swapped.query, batch.key) and torch.equal(swapped.key_box, batch.query_box)
+    assert torch.equal(swap_views(swapped).query, batch.query)
+    # plain BN (no shuffle) and no masking: a direction's loss depends on the weights, the queue and the views only
+    symmetric = _moco("mocov2.symmetric=true", "mocov2.shuffle_bn=none")
+    plain = _moco("mocov2.shuffle_bn=none")
+    plain.load_state_dict(symmetric.state_dict())
+    start = {k: v.clone() for k, v in plain.state_dict().items()}
+    forward = plain(batch).loss
+    plain.load_state_dict(start)  # the same queue for the other direction, as in the symmetric step
+    backward = plain(swapped).loss
+    out = symmetric(batch)
+    assert torch.allclose(out.loss, (forward + backward) / 2, atol=1e-5)
+    assert int(symmetric.queue_ptr) == 8 and int(plain.queue_ptr) == 4  # both directions' keys are enqueued
+    assert any("symmetric loss" in line for line in symmetric.describe())
+    assert not any("symmetric loss" in line for line in plain.describe())
