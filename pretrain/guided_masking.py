@@ -70,6 +70,15 @@ def masking_config(section) -> MaskingConfig:
     return MaskingConfig.from_dict({**values, "strategy": plain["strategy"]})
 
 
+def input_filter_spec(cfg) -> dict[str, Any]:
+    """The filter a config's model sees its input through: the high-pass strategy (ours or MSCN)
+    filters both branches and every evaluation; everything else sees raw pixels."""
+    section = cfg.masking
+    if section.name in GUIDED_MASKING and section.strategy == "hp":
+        return normalize_filter_spec(dict(section.input_filter))
+    return dict(NO_FILTER)
+
+
 class GuidedMasking:
     """Per-step saliency + masking + hard negatives for a config; a no-op (besides filtering) for
     ``masking.name: none``."""
@@ -81,9 +90,7 @@ class GuidedMasking:
         self.strategy = section.strategy if self.enabled else None
         self.branch = section.branch if self.enabled else None
         self.alpha = float(section.alpha)
-        hp = self.enabled and self.strategy == "hp"
-        spec = normalize_filter_spec(dict(section.input_filter)) if hp else dict(NO_FILTER)
-        self.input_filter = InputFilter(spec)
+        self.input_filter = InputFilter(input_filter_spec(cfg))
         self.masker: SaliencyGuidedMasking | None = None
         self.guide: SaliencyGuide | None = None
         self.num_hard_negatives = 0

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.checkpoint import CheckpointError, load_checkpoint
     from pretrain.config import ConfigError, load_config
     from pretrain.filters import InputFilter
+    from pretrain.guided_masking import input_filter_spec
 
     parser = argparse.ArgumentParser(prog="python -m pretrain.knn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,14 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--weights", help="a suite checkpoint (e.g. RUN/final.pth)")
-    which.add_argument("--random", action="store_true", help="a randomly initialised backbone (seed from config)")
+    which.add_argument("--random", action="store_true",
+                       help="a randomly initialised backbone (seed from config), seen through the config's input "
+                            "filter as the monitor's epoch 0 is (the high-pass filter for hp and MSCN configs)")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         world = distributed.World()
         if args.random:
             torch.manual_seed(int(cfg.seed))
-            trunk, filter_spec = build_resnet(cfg.model.arch), None
+            trunk, filter_spec = build_resnet(cfg.model.arch), input_filter_spec(cfg)
         else:
             checkpoint = load_checkpoint(args.weights)
             trunk = build_resnet(checkpoint["meta"]["arch"])
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(" ".join(f"{k}={v:.2f}" for k, v in result.items()))
+    print(" ".join(f"{k}={v:.2f}" for k, v in result.items()) + f" input_filter={input_filter.spec['name']}")
     return 0
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pretrain import distributed
 from pretrain.config import load_config
 from pretrain.knn import KnnMonitor, knn_accuracy, weighted_knn_predict
-from tests.pretrain.engine_helpers import TOY_CONFIGS, make_image_folder
+from tests.pretrain.engine_helpers import REPO, TOY_CONFIGS, make_image_folder
 
 
 def test_weighted_votes_match_direct_formula():
@@ -61,3 +61,15 @@ def test_knn_command_scores_a_random_initialisation(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("knn_top1=")
     assert 0 <= float(out.split()[0].split("=")[1]) <= 100
+
+
+def test_knn_random_baseline_sees_the_configs_input_filter_like_the_monitors_epoch_zero(tmp_path, capsys):
+    from pretrain.knn import main
+
+    root = make_image_folder(tmp_path / "data", {"a": 4, "b": 4}, size=36)
+    common = ["--random", f"data.root={root}", "augment.image_size=32", "knn.k=3", "data.num_workers=0"]
+    filters = {}
+    for name in ("mocov2", "mocov2_hp", "mocov2_mscn", "mocov2_blur"):
+        assert main([str(REPO / "configs" / "pretrain" / "toy" / f"{name}.yaml"), *common]) == 0
+        filters[name] = capsys.readouterr().out.split("input_filter=")[1].strip()
+    assert filters == {"mocov2": "none", "mocov2_hp": "highpass", "mocov2_mscn": "highpass", "mocov2_blur": "none"}
