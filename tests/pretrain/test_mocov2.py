@@ -180,10 +180,14 @@ def test_batch_negatives_add_the_other_current_keys_but_never_the_positive(monke
     assert own[:, 4:].tolist() == [[i == j for j in range(4)] for i in range(4)]  # the positive itself
     assert own[2, :4].tolist() == [True, False, False, False]  # image 0's older key also leaves
     # the toy configs take their negatives from the current batch only; MoCo v2's paper configs keep the queue
-    toy = load_config(CONFIG["mocov2"], ["data.root=/x"]).mocov2
+    toy_cfg = load_config(CONFIG["mocov2"], ["data.root=/x"])
+    toy = toy_cfg.mocov2
     assert toy.queue_size == 0 and toy.batch_negatives is True
-    paper = load_config(CONFIG["mocov2"].parents[1] / "paper" / "mocov2.yaml", ["data.root=/x"]).mocov2
+    paper_cfg = load_config(CONFIG["mocov2"].parents[1] / "paper" / "mocov2.yaml", ["data.root=/x"])
+    paper = paper_cfg.mocov2
     assert paper.queue_size == 65536 and paper.batch_negatives is False and paper.exclude_own_keys is False
+    # toy crops keep half the image; the paper keeps aug+'s 20%
+    assert list(toy_cfg.augment.crop_scale) == [0.5, 1.0] and list(paper_cfg.augment.crop_scale) == [0.2, 1.0]
 
 
 def test_without_a_queue_the_negatives_are_the_other_keys_of_the_current_batch(monkeypatch):
