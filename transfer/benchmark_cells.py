@@ -93,15 +93,19 @@ class ToyData(CellKind):
     def check(self, cell, ws, deps, state):
         import json
 
-        from transfer.toydata import MANIFEST
+        from transfer.toydata import MANIFEST, TOY_WORLD_VERSION
 
         manifest = ws.data_root / MANIFEST
         if not manifest.is_file():
             return Problem("missing", f"no toy world at {ws.data_root}")
         try:
-            found = json.loads(manifest.read_text())["config"]
+            written = json.loads(manifest.read_text())
+            found, version = written["config"], written.get("version")
         except (ValueError, KeyError, TypeError):
             return Problem("missing", f"{manifest} is unreadable; the toy world is regenerated")
+        if version != TOY_WORLD_VERSION:
+            return Problem("missing", f"the toy world at {ws.data_root} is version {version}, this suite writes "
+                                      f"{TOY_WORLD_VERSION}; regenerated")
         wanted = self._settings(ws)
         differing = [key for key, value in wanted.items() if found.get(key) != value]
         if differing:

@@ -163,3 +163,18 @@ def test_polygon_clipping_keeps_inside_and_cuts_outside():
     inside = square + 50
     assert polygon_area(clip_polygon(inside, 100, 100)) == pytest.approx(polygon_area(inside))
     assert len(clip_polygon(square - 50, 100, 100)) == 0
+
+
+def test_run_all_regenerates_a_toy_world_written_by_another_version(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from transfer.benchmark_cells import ToyData
+
+    root = tmp_path / "world"
+    generate_toy_world(root, ToyWorldConfig(seed=0, **TINY))
+    ws = SimpleNamespace(config=SimpleNamespace(toy_world={"seed": 0, "scale": TINY["scale"], "classes": 8}), data_root=root)
+    assert ToyData().check(None, ws, {}, None) is None, "a current toy world with the preset's settings is kept"
+    manifest = json.loads((root / MANIFEST).read_text())
+    (root / MANIFEST).write_text(json.dumps({**manifest, "version": manifest["version"] - 1}))
+    problem = ToyData().check(None, ws, {}, None)
+    assert problem is not None and problem.kind == "missing" and "version" in problem.message
