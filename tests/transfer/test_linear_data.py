@@ -120,7 +120,7 @@ def test_caltech_class_folder_without_images_is_named(toy_world, tmp_path):
 
 def test_flowers_reader_uses_the_official_split_files(toy_world):
     data = read_flowers102(find_dataset_root(toy_world, "flowers102"))
-    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [24, 24, 48]
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [48, 24, 96]  # 20/10/40 per class at test scale
     assert data.classes == [str(c) for c in range(1, 9)]
     labels = scipy.io.loadmat(toy_world / "flowers-102" / "imagelabels.mat")["labels"].ravel()
     ids = scipy.io.loadmat(toy_world / "flowers-102" / "setid.mat")["tstid"].ravel()
