@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.encoder import SALIENCY_LAYERS
 from pretrain.masking import MaskingParams
 
 BASE_KEY = "_base_"
@@ -85,6 +86,9 @@ class MaskingSection(MaskingParams):
 @dataclass
 class SaliencyConfig:
     source: str = "momentum"  # momentum | frozen | none
+    # layer4: the last conv map (SCDA, the paper); layer3: the stage before it, twice as fine, for small
+    # images (at 64 px layer4 is 2x2 and its map mostly encodes position, docs/pretraining.md)
+    feature_layer: str = "layer4"
     checkpoint: str | None = None  # frozen: a local suite checkpoint or torchvision ResNet state_dict
     query_map: str = "mapped"  # mapped: key map resampled by crop geometry | forward: extra no-grad pass
     std_ratio: float = 0.6
@@ -302,6 +306,8 @@ def validate(cfg: DictConfig) -> None:
         need(masking.num_hard_negatives >= 0, "masking.num_hard_negatives must be >= 0")
         need(cfg.saliency.source in SALIENCY_SOURCES,
              f"saliency.source must be one of {SALIENCY_SOURCES}, got '{cfg.saliency.source}'")
+        need(cfg.saliency.feature_layer in SALIENCY_LAYERS,
+             f"saliency.feature_layer must be one of {SALIENCY_LAYERS}, got '{cfg.saliency.feature_layer}'")
         need(cfg.saliency.query_map in ("mapped", "forward"),
              f"saliency.query_map must be 'mapped' or 'forward', got '{cfg.saliency.query_map}'")
         need(cfg.saliency.source != "frozen" or bool(cfg.saliency.checkpoint),

@@ -1,8 +1,10 @@
 """A ResNet trunk with a projection head: the encoder every contrastive method trains.
 
-Besides the projected embedding the encoder can return the layer4 activation map (channel sum of the
-last conv features, (B, h, w)), which is what saliency is computed from, so the momentum source gets
-the key view's saliency from the forward pass the method does anyway.
+Besides the projected embedding the encoder can return an activation map (channel sum of a stage's
+features, (B, h, w)): by default layer4's, the last conv map SCDA uses; ``saliency_layer="layer3"``
+takes the stage before it (twice as fine), for small images where layer4 is only 2x2. That is what saliency
+is computed from, so the momentum source gets the key view's saliency from the forward pass the method
+does anyway.
 """
 
 from __future__ import annotations
@@ -26,35 +28,48 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool
     return nn.Sequential(*layers)
 
 
-def trunk_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A torchvision ResNet up to layer4 (B, C, h, w)."""
+# Stages whose channel-summed map can define saliency (saliency.feature_layer).
+SALIENCY_LAYERS = ("layer4", "layer3")
+
+
+def trunk_features(trunk: nn.Module, x: torch.Tensor, until: str = "layer4") -> torch.Tensor:
+    """A torchvision ResNet up to ``until`` (``layer4`` or ``layer3``), (B, C, h, w)."""
+    if until not in SALIENCY_LAYERS:
+        raise ValueError(f"unknown feature layer '{until}', expected one of {SALIENCY_LAYERS}")
     x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
-    return trunk.layer4(trunk.layer3(trunk.layer2(trunk.layer1(x))))
+    x = trunk.layer3(trunk.layer2(trunk.layer1(x)))
+    return x if until == "layer3" else trunk.layer4(x)
 
 
 class Encoder(nn.Module):
     """``trunk`` (torchvision ResNet, fc = Identity) followed by ``head``."""
 
     def __init__(self, arch: str, head_hidden_dim: int | None, head_out_dim: int, head_bn: bool = False,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, saliency_layer: str = "layer4"):
         super().__init__()
+        if saliency_layer not in SALIENCY_LAYERS:
+            raise ValueError(f"unknown saliency layer '{saliency_layer}', expected one of {SALIENCY_LAYERS}")
+        self.saliency_layer = saliency_layer
         self.trunk = build_resnet(arch, zero_init_residual=zero_init_residual)
         feature_dim = FEATURE_DIMS[arch]
         self.head = projection_head(feature_dim, head_hidden_dim or feature_dim, head_out_dim, head_bn)
 
     def forward(self, x: torch.Tensor, with_activation: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalized embedding; with ``with_activation`` also the detached (B, h, w) activation map."""
-        features = trunk_features(self.trunk, x)
+        """L2-normalized embedding; with ``with_activation`` also the detached (B, h, w) activation map of
+        ``saliency_layer``."""
+        stage3 = trunk_features(self.trunk, x, until="layer3")
+        features = self.trunk.layer4(stage3)
         embedding = F.normalize(self.head(torch.flatten(self.trunk.avgpool(features), 1)), dim=1)
         if with_activation:
-            return embedding, features.detach().float().sum(1)
+            mapped = stage3 if self.saliency_layer == "layer3" else features
+            return embedding, mapped.detach().float().sum(1)
         return embedding
 
     @torch.no_grad()
     def activation(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) activation map only (no head, no gradient)."""
-        return trunk_features(self.trunk, x).float().sum(1)
+        """(B, h, w) activation map of ``saliency_layer`` only (no head, no gradient)."""
+        return trunk_features(self.trunk, x, until=self.saliency_layer).float().sum(1)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled trunk features (the representation transfer tasks use)."""

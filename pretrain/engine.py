@@ -434,7 +434,9 @@ class Trainer:
         cfg, world = self.cfg, self.world
         meta = self.method.meta()
         log.info(f"{cfg.name}: {cfg.method} on {cfg.model.arch}, masking={meta['masking']} strategy={meta['strategy']} "
-                 f"branch={meta['mask_branch']} saliency={meta['saliency_source']}, input filter {meta['input_filter']}")
+                 f"branch={meta['mask_branch']} saliency={meta['saliency_source']}"
+                 f"{' (' + meta['saliency_layer'] + ' map)' if meta.get('saliency_layer') else ''}, "
+                 f"input filter {meta['input_filter']}")
         log.info(f"data: {len(self.train_set)} images / {len(self.train_set.classes)} classes in "
                  f"{Path(cfg.data.root) / cfg.data.train_split}; {self.steps_per_epoch} steps/epoch of "
                  f"{cfg.data.batch_size} ({world.world_size} process(es) x {self.per_process_batch})")

@@ -50,15 +50,19 @@ class SaliencySource:
 
 
 class MomentumSource(SaliencySource):
-    """The key encoder: ``activation_fn`` runs it (no grad) on the filtered view the encoder sees."""
+    """The key encoder: ``activation_fn`` runs it (no grad) on the filtered view the encoder sees (the
+    encoder itself picks the layer, ``saliency.feature_layer``)."""
 
     name = "momentum"
 
-    def __init__(self, activation_fn: ActivationFn):
-        self.activation_fn = activation_fn
+    def __init__(self, activation_fn: ActivationFn, layer: str = "layer4"):
+        self.activation_fn, self.layer = activation_fn, layer
 
     def activation(self, filtered: torch.Tensor, unfiltered: torch.Tensor) -> torch.Tensor:
         return self.activation_fn(filtered)
+
+    def describe(self) -> dict[str, Any]:
+        return {"saliency_source": self.name, "saliency_layer": self.layer}
 
 
 class UniformSource(SaliencySource):
@@ -67,14 +71,14 @@ class UniformSource(SaliencySource):
 
 
 class _FrozenFeatures(nn.Module):
-    """The frozen trunk behind its input filter, up to layer4 (what the saliency cache runs)."""
+    """The frozen trunk behind its input filter, up to the saliency layer (what the saliency cache runs)."""
 
-    def __init__(self, trunk: nn.Module, input_filter: InputFilter):
+    def __init__(self, trunk: nn.Module, input_filter: InputFilter, layer: str):
         super().__init__()
-        self.trunk, self.input_filter = trunk, input_filter
+        self.trunk, self.input_filter, self.layer = trunk, input_filter, layer
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return trunk_features(self.trunk, self.input_filter(images))
+        return trunk_features(self.trunk, self.input_filter(images), until=self.layer)
 
 
 class FrozenSource(SaliencySource):
@@ -86,8 +90,8 @@ class FrozenSource(SaliencySource):
 
     name = "frozen"
 
-    def __init__(self, path: str | Path, device: torch.device):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, device: torch.device, layer: str = "layer4"):
+        self.path, self.layer = Path(path), layer
         trunk, self.arch, filter_spec = load_frozen_resnet(self.path)
         self.sha256 = sha256_file(self.path)
         self.input_filter = InputFilter(filter_spec)
@@ -99,18 +103,20 @@ class FrozenSource(SaliencySource):
     def attach_cache(self, cache_dir: str | Path, files: list[str], image_size: int, device: torch.device,
                      build: bool = True) -> None:
         """Build (main process: ``build``) or open the whole-image map cache of ``files``."""
-        network = _FrozenFeatures(self._net[0], self.input_filter)
+        network = _FrozenFeatures(self._net[0], self.input_filter, self.layer)
+        # The cached maps depend on the layer too; layer4 keeps the plain weights hash (caches stay valid).
+        identity = self.sha256 if self.layer == "layer4" else f"{self.sha256}+{self.layer}"
         if build:
-            self.cache = build_saliency_cache(cache_dir, files, network, self.sha256, image_size=image_size,
+            self.cache = build_saliency_cache(cache_dir, files, network, identity, image_size=image_size,
                                               device=device)
         else:
-            self.cache = SaliencyCache(Path(cache_dir) / cache_key(files, self.sha256, image_size))
+            self.cache = SaliencyCache(Path(cache_dir) / cache_key(files, identity, image_size))
         self.cache_image_size = image_size
 
     @torch.no_grad()
     def activation(self, filtered: torch.Tensor, unfiltered: torch.Tensor) -> torch.Tensor:
         net = self._net[0]
-        return trunk_features(net, self.input_filter(unfiltered)).float().sum(1)
+        return trunk_features(net, self.input_filter(unfiltered), until=self.layer).float().sum(1)
 
     def to(self, device: torch.device) -> FrozenSource:
         self._net[0] = self._net[0].to(device)
@@ -119,7 +125,7 @@ class FrozenSource(SaliencySource):
     def describe(self) -> dict[str, Any]:
         info = {"saliency_source": self.name, "saliency_checkpoint": str(self.path),
                 "saliency_checkpoint_sha256": self.sha256, "saliency_arch": self.arch,
-                "saliency_input_filter": self.input_filter.spec}
+                "saliency_input_filter": self.input_filter.spec, "saliency_layer": self.layer}
         if self.cache is not None:
             info.update(saliency_cache=str(self.cache.directory), saliency_cache_image_size=self.cache_image_size)
         return info
@@ -164,14 +170,15 @@ def load_frozen_resnet(path: Path) -> tuple[nn.Module, str, dict[str, Any] | Non
 
 def build_source(saliency_cfg, activation_fn: ActivationFn | None, device: torch.device) -> SaliencySource:
     name = saliency_cfg.source
+    layer = str(saliency_cfg.get("feature_layer", "layer4"))
     if name == "none":
         return UniformSource()
     if name == "frozen":
-        return FrozenSource(saliency_cfg.checkpoint, device)
+        return FrozenSource(saliency_cfg.checkpoint, device, layer)
     if name == "momentum":
         if activation_fn is None:
             raise ValueError("this method has no key encoder for saliency.source=momentum")
-        return MomentumSource(activation_fn)
+        return MomentumSource(activation_fn, layer)
     raise ValueError(f"unknown saliency source '{name}'")
 
 

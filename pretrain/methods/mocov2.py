@@ -94,7 +94,8 @@ class MoCoV2(Method):
         self.temperature, self.momentum = float(opts.temperature), float(opts.momentum)
         self.symmetric = bool(opts.symmetric)
         self.encoder_q = Encoder(self.arch, opts.head_hidden_dim, int(opts.head_out_dim), head_bn=bool(opts.head_bn),
-                                 zero_init_residual=bool(cfg.model.zero_init_residual))
+                                 zero_init_residual=bool(cfg.model.zero_init_residual),
+                                 saliency_layer=str(cfg.saliency.feature_layer))
         self.shuffle_bn = self._choose_shuffle_bn(str(opts.shuffle_bn), world)
         if self.shuffle_bn == "split":
             convert_to_split_bn(self.encoder_q, int(opts.bn_splits))

@@ -43,7 +43,8 @@ class SimCLR(Method):
         opts = self.options
         self.temperature = float(opts.temperature)
         self.encoder = Encoder(self.arch, opts.head_hidden_dim, int(opts.head_out_dim), head_bn=bool(opts.head_bn),
-                               zero_init_residual=bool(cfg.model.zero_init_residual))
+                               zero_init_residual=bool(cfg.model.zero_init_residual),
+                               saliency_layer=str(cfg.saliency.feature_layer))
         self.sync_bn = bool(opts.sync_bn) and world.distributed and world.device.type == "cuda"
         if self.sync_bn:
             self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)

@@ -105,3 +105,40 @@ def test_uniform_source_marks_every_cell_foreground():
     guide = SaliencyGuide(UniformSource(), 7, 0.6, "mapped", released_code=False)
     maps = guide.maps(torch.zeros(5, 3, 32, 32), torch.zeros(5, 3, 32, 32))
     assert maps.foreground.all() and torch.all(maps.fg_ratio == 1)
+
+
+@pytest.mark.parametrize("layer, stride", [("layer4", 32), ("layer3", 16)])
+def test_saliency_feature_layer_sets_the_map_the_encoder_returns(layer, stride):
+    from pretrain.encoder import Encoder
+
+    torch.manual_seed(0)
+    encoder = Encoder("resnet18", 64, 16, saliency_layer=layer).eval()
+    images = torch.randn(3, 3, 64, 64)
+    _, activation = encoder(images, with_activation=True)
+    assert activation.shape == (3, 64 // stride, 64 // stride)
+    expected = trunk_features(encoder.trunk, images, until=layer).sum(1)
+    assert torch.allclose(activation, expected, atol=1e-4)
+    assert torch.allclose(encoder.activation(images), expected, atol=1e-4)
+    # the embedding does not depend on which map saliency reads
+    reference = Encoder("resnet18", 64, 16).eval()
+    reference.load_state_dict(encoder.state_dict())
+    assert torch.allclose(encoder(images), reference(images), atol=1e-6)
+
+
+def test_frozen_source_reads_the_configured_layer_and_records_it(random_checkpoint_factory):
+    path = random_checkpoint_factory("resnet18", seed=1)
+    config = OmegaConf.create({"source": "frozen", "checkpoint": str(path), "feature_layer": "layer3"})
+    source = build_source(config, None, torch.device("cpu"))
+    unfiltered = torch.randn(2, 3, 64, 64)
+    assert source.activation(unfiltered, unfiltered).shape == (2, 4, 4)
+    assert source.describe()["saliency_layer"] == "layer3"
+    momentum = build_source(OmegaConf.create({"source": "momentum"}), lambda x: x, torch.device("cpu"))
+    assert momentum.describe() == {"saliency_source": "momentum", "saliency_layer": "layer4"}
+
+
+def test_unknown_saliency_layer_is_refused():
+    from pretrain.config import ConfigError, load_config
+    from tests.pretrain.engine_helpers import REPO
+
+    with pytest.raises(ConfigError, match="saliency.feature_layer must be one of"):
+        load_config(REPO / "configs/pretrain/toy/mocov2_hp.yaml", ["saliency.feature_layer=layer2"])
