@@ -47,9 +47,7 @@ class Encoder(nn.Module):
     def __init__(self, arch: str, head_hidden_dim: int | None, head_out_dim: int, head_bn: bool = False,
                  zero_init_residual: bool = False, saliency_layer: str = "layer4"):
         super().__init__()
-        if saliency_layer not in SALIENCY_LAYERS:
-            raise ValueError(f"unknown saliency layer '{saliency_layer}', expected one of {SALIENCY_LAYERS}")
-        self.saliency_layer = saliency_layer
+        self.saliency_layer = saliency_layer  # checked by trunk_features (configs: pretrain.config.validate)
         self.trunk = build_resnet(arch, zero_init_residual=zero_init_residual)
         feature_dim = FEATURE_DIMS[arch]
         self.head = projection_head(feature_dim, head_hidden_dim or feature_dim, head_out_dim, head_bn)

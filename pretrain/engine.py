@@ -433,10 +433,9 @@ class Trainer:
     def _log_start(self, resumed: bool) -> None:
         cfg, world = self.cfg, self.world
         meta = self.method.meta()
+        layer = f" ({meta['saliency_layer']} map)" if "saliency_layer" in meta else ""
         log.info(f"{cfg.name}: {cfg.method} on {cfg.model.arch}, masking={meta['masking']} strategy={meta['strategy']} "
-                 f"branch={meta['mask_branch']} saliency={meta['saliency_source']}"
-                 f"{' (' + meta['saliency_layer'] + ' map)' if meta.get('saliency_layer') else ''}, "
-                 f"input filter {meta['input_filter']}")
+                 f"branch={meta['mask_branch']} saliency={meta['saliency_source']}{layer}, input filter {meta['input_filter']}")
         log.info(f"data: {len(self.train_set)} images / {len(self.train_set.classes)} classes in "
                  f"{Path(cfg.data.root) / cfg.data.train_split}; {self.steps_per_epoch} steps/epoch of "
                  f"{cfg.data.batch_size} ({world.world_size} process(es) x {self.per_process_batch})")

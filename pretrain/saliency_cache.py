@@ -46,14 +46,15 @@ CACHE_VERSION = 1
 
 
 def cache_key(files: Sequence[str | os.PathLike], weights_sha256: str, image_size: int,
-              normalize: dict[str, Any] = IMAGENET_NORMALIZE) -> str:
-    """What the cached maps depend on: every file (path, size, mtime), the weights, the input size."""
+              normalize: dict[str, Any] = IMAGENET_NORMALIZE, layer: str = "layer4") -> str:
+    """What the cached maps depend on: every file (path, size, mtime), the weights, the input size, the
+    stage whose map is cached."""
     entries = []
     for file in files:
         stat = os.stat(file)
         entries.append([str(Path(file).resolve()), stat.st_size, stat.st_mtime_ns])
     return sha256_json({"version": CACHE_VERSION, "files": entries, "weights": weights_sha256,
-                        "image_size": int(image_size), "normalize": normalize})[:20]
+                        "image_size": int(image_size), "normalize": normalize, "layer": layer})[:20]
 
 
 class SaliencyCache:
@@ -116,12 +117,13 @@ class _WholeImages(torch.utils.data.Dataset):
 def build_saliency_cache(root: str | os.PathLike, files: Sequence[str | os.PathLike], network: nn.Module,
                          weights_sha256: str, image_size: int = 448, batch_size: int = 32,
                          device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
-                         normalize: dict[str, Any] = IMAGENET_NORMALIZE) -> SaliencyCache:
-    """Compute (or finish, or reuse) the cache of ``files`` for ``network`` (images -> last conv features)."""
+                         normalize: dict[str, Any] = IMAGENET_NORMALIZE, layer: str = "layer4") -> SaliencyCache:
+    """Compute (or finish, or reuse) the cache of ``files`` for ``network`` (images -> the conv features
+    of ``layer``, which only names them in the key)."""
     files = [str(f) for f in files]
     if not files:
         raise ValueError("no images to cache saliency for")
-    directory = Path(root) / cache_key(files, weights_sha256, image_size, normalize)
+    directory = Path(root) / cache_key(files, weights_sha256, image_size, normalize, layer)
     meta_path = directory / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if meta and meta.get("complete"):
@@ -136,7 +138,7 @@ def build_saliency_cache(root: str | os.PathLike, files: Sequence[str | os.PathL
         atomic_write_text(directory / "files.txt", "\n".join(files) + "\n")
         meta = {"version": CACHE_VERSION, "count": len(files), "done": 0, "complete": False,
                 "image_size": int(image_size), "weights_sha256": weights_sha256, "normalize": normalize,
-                "unreadable": []}
+                "layer": layer, "unreadable": []}
         atomic_write_json(meta_path, meta)
     maps = np.load(directory / "maps.npy", mmap_mode="r+")
     start = int(meta["done"])

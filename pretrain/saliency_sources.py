@@ -104,13 +104,11 @@ class FrozenSource(SaliencySource):
                      build: bool = True) -> None:
         """Build (main process: ``build``) or open the whole-image map cache of ``files``."""
         network = _FrozenFeatures(self._net[0], self.input_filter, self.layer)
-        # The cached maps depend on the layer too; layer4 keeps the plain weights hash (caches stay valid).
-        identity = self.sha256 if self.layer == "layer4" else f"{self.sha256}+{self.layer}"
         if build:
-            self.cache = build_saliency_cache(cache_dir, files, network, identity, image_size=image_size,
-                                              device=device)
+            self.cache = build_saliency_cache(cache_dir, files, network, self.sha256, image_size=image_size,
+                                              device=device, layer=self.layer)
         else:
-            self.cache = SaliencyCache(Path(cache_dir) / cache_key(files, identity, image_size))
+            self.cache = SaliencyCache(Path(cache_dir) / cache_key(files, self.sha256, image_size, layer=self.layer))
         self.cache_image_size = image_size
 
     @torch.no_grad()

@@ -104,6 +104,7 @@ def test_build_is_reused_resumed_and_keyed_by_its_inputs(toy_world, tmp_path):
     assert cache_key(files, "w2", 128) != cache_key(files, "w1", 128), "other weights, other cache"
     assert cache_key(files[:-1], "w1", 128) != cache_key(files, "w1", 128), "other files, other cache"
     assert cache_key(files, "w1", 224) != cache_key(files, "w1", 128)
+    assert cache_key(files, "w1", 128, layer="layer3") != cache_key(files, "w1", 128), "other layer, other cache"
 
 
 def test_unreadable_image_gets_a_uniform_map_and_one_warning(toy_world, tmp_path):
