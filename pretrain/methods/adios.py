@@ -19,6 +19,12 @@ the query role in the query encoder; the key is the unmasked key view through th
 (shuffle-BN as in MoCo), computed once per step and shared by the ``N`` masked queries and by both
 halves of the step, with one queue snapshot; the key is enqueued once, after the occlusion step, and
 the momentum update follows the encoder step (it does not depend on the occlusion step).
+With ``mocov2.symmetric`` the port takes the form of ADIOS's own momentum method (its BYOL code): each
+masked view is also a key, of the unmasked key view as query, so the encoder sees clean images as well
+as masked ones. Per mask n the loss is the mean of L(q(masked_n), k(key view)) and L(q(key view),
+k(masked_n)); the masked keys come from the momentum encoder without gradient, so the second direction
+does not depend on the masks and the occlusion step uses the first only (the same gradient as ADIOS's
+code, which also evaluates the second); the queue takes the unmasked keys only.
 The SimCLR version follows ADIOS's code: NT-Xent between the unmasked view and each masked view, the
 occlusion network seeing the view it masks. Checkpoints hold both networks and both optimizers; the
 exported backbone is the encoder's trunk.
@@ -264,12 +270,6 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
     config_section = "mocov2"
     base_method = "mocov2"
 
-    def __init__(self, cfg: Any, world: distributed.World, num_classes: int):
-        super().__init__(cfg, world, num_classes)
-        if self.symmetric:
-            raise ValueError("mocov2.symmetric is not available with ADIOS (its min-max step masks one query "
-                             "view); set mocov2.symmetric=false")
-
     def _trained_encoders(self) -> list[nn.Module]:
         return [self.encoder_q]
 
@@ -287,12 +287,24 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
 
     def _ssl_losses(self, views, inputs, train_encoder):
         queue, own = inputs.negatives
+        # the reverse direction (clean query, masked key) does not depend on the masks: encoder half only
+        reverse = self.symmetric and train_encoder
+        clean_queries = self.encoder_q(self.input_filter(inputs.batch.key)).float() if reverse else None
         losses, accuracies = [], []
         for view in views:
             queries = self.encoder_q(view).float()
             logits, labels = moco_logits(queries, inputs.keys, queue, self.temperature, not_negative=own)
-            losses.append(contrastive_loss(logits, labels))
-            accuracies.append(contrastive_accuracy(logits.detach(), labels))
+            loss, accuracy = contrastive_loss(logits, labels), contrastive_accuracy(logits.detach(), labels)
+            if reverse:
+                masked_keys, _ = self._encode_keys(view, False)
+                reverse_queue, reverse_own = self._queue_negatives(
+                    inputs.batch.index, *self._gather_batch(masked_keys.float(), inputs.batch.index))
+                logits, labels = moco_logits(clean_queries, masked_keys.float(), reverse_queue, self.temperature,
+                                             not_negative=reverse_own)
+                loss = (loss + contrastive_loss(logits, labels)) / 2
+                accuracy = (accuracy + contrastive_accuracy(logits.detach(), labels)) / 2
+            losses.append(loss)
+            accuracies.append(accuracy)
         return losses, accuracies
 
     def _finish_step(self, inputs: AdiosInputs) -> None:

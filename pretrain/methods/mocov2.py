@@ -56,7 +56,8 @@ class MoCoV2Config:
     batch_negatives: bool = False
     # Symmetric loss (as MoCo v3 and the MoCo authors' CIFAR demo): each view is also the query of the other,
     # the two directions' losses are averaged and both key sets are enqueued. Twice the encoder passes per
-    # step for twice the training signal; MoCo v2 as published is asymmetric (false).
+    # step for twice the training signal; MoCo v2 as published is asymmetric (false). With ADIOS: the unmasked
+    # key view is also the query of each masked view (ADIOS's BYOL form; methods/adios.py).
     symmetric: bool = False
     # queue_size: 0 keeps no queue: the negatives are the current batch's keys only (MoCo v3's negatives;
     # needs batch_negatives). The toy configs use it: on a few hundred steps the queued keys of older

@@ -10,7 +10,9 @@ from pretrain.augment import to_device_batch
 from pretrain.checkpoint import load_checkpoint, safe_torch_load
 from pretrain.config import ConfigError, load_config
 from pretrain.engine import Trainer, train
+from pretrain.losses import contrastive_loss, moco_logits
 from pretrain.methods.adios import parameters_frozen
+from pretrain.occlusion import occlude
 from tests.pretrain.engine_helpers import REPO, tiny_overrides
 
 TOY = REPO / "configs" / "pretrain" / "toy"
@@ -137,6 +139,44 @@ def test_moco_port_enqueues_the_unmasked_keys_once_per_step(toy_root, tmp_path):
     torch.testing.assert_close(method.queue[:batch.size], keys)  # the keys of the unmasked key view
 
 
+def test_symmetric_moco_port_also_contrasts_the_clean_view_with_each_masked_key(toy_root, tmp_path):
+    """mocov2.symmetric with ADIOS (ADIOS's BYOL form): per mask, the mean of masked-query -> clean-key and
+    clean-query -> masked-key; the occlusion half keeps the first direction only (the second has no mask
+    gradient)."""
+    trainer = _built(_cfg("mocov2_adios", toy_root, tmp_path, **{
+        "mocov2.symmetric": True, "mocov2.shuffle_bn": "none", "adios.single_mask": False,
+        "adios.alpha_sparsity": 0.0}))
+    method, runner = trainer.method, trainer.runner
+    batch = to_device_batch(next(iter(trainer.loader)), torch.device("cpu"))
+    inputs = method.step_inputs(runner, batch)
+
+    def infonce(queries, keys, negatives):
+        logits, labels = moco_logits(queries, keys, negatives[0], method.temperature, not_negative=negatives[1])
+        return contrastive_loss(logits, labels)
+
+    with torch.no_grad():
+        query = method.input_filter(batch.query)
+        masks = method.occluder(query)
+        clean_queries = method.encoder_q(method.input_filter(batch.key))
+        forward, reverse = [], []
+        for n in range(masks.shape[1]):
+            view = occlude(query, masks[:, n])
+            forward.append(infonce(method.encoder_q(view), inputs.keys, inputs.negatives))
+            masked_keys = method.encoder_k(view)
+            negatives = method._queue_negatives(batch.index, *method._gather_batch(masked_keys, batch.index))
+            reverse.append(infonce(clean_queries, masked_keys, negatives))
+        encoder_loss = runner.forward(inputs, "encoder").loss
+        masker_loss = runner.forward(inputs, "masker").loss
+    expected = sum((f + r) / 2 for f, r in zip(forward, reverse))
+    torch.testing.assert_close(encoder_loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masker_loss, -sum(forward), rtol=1e-5, atol=1e-5)
+    assert all(abs(float(f - r)) > 1e-4 for f, r in zip(forward, reverse))  # two distinct directions
+    queued = int(method.queue_filled)
+    method.train_step(runner, batch)
+    assert int(method.queue_filled) == min(queued + batch.size, method.queue.shape[0])  # clean keys, once
+    assert any("symmetric loss" in line for line in method.describe())
+
+
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(toy_root, tmp_path):
     extra = {"train.epochs": 2, "data.limit_train_images": 24, "checkpoint.every_steps": 2,
              "train.deterministic": True, "adios.single_mask": True}
@@ -175,5 +215,3 @@ def test_adios_configs_refuse_what_adios_cannot_do(toy_root, tmp_path):
         load_config(TOY / "mocov2.yaml", tiny_overrides(toy_root, tmp_path, "mocov2", **{"masking.name": "adios"}))
     with pytest.raises(ValueError, match="masks the query view only"):
         _built(_cfg("simclr_adios", toy_root, tmp_path, **{"masking.branch": "key"}))
-    with pytest.raises(ValueError, match="symmetric is not available with ADIOS"):
-        _built(_cfg("mocov2_adios", toy_root, tmp_path, **{"mocov2.symmetric": True}))
