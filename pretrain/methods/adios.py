@@ -75,6 +75,7 @@ class AdiosInputs:
     """What both halves of one step share."""
 
     batch: TwoViewBatch
+    key_view: torch.Tensor  # the unmasked key view through the input filter, once per step
     choice: torch.Tensor | None  # ADIOS-s: (B,) mask index per sample
     keys: torch.Tensor | None  # MoCo: the step's keys (momentum encoder, no gradient)
     # MoCo, computed once for both halves: the keys (and tracked image indices) of every process, which
@@ -128,7 +129,7 @@ class AdiosMixin:
     def _trained_encoders(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def _step_keys(self, batch: TwoViewBatch) -> torch.Tensor | None:
+    def _step_keys(self, key_view: torch.Tensor) -> torch.Tensor | None:
         return None
 
     def _ssl_losses(self, views: list[torch.Tensor], inputs: AdiosInputs, train_encoder: bool
@@ -193,9 +194,10 @@ class AdiosMixin:
         if self.single_mask:
             choice = torch.randint(self.num_masks, (batch.size,), generator=self.choice_generator,
                                    device=self.choice_generator.device).to(batch.query.device)
+        key_view = self.input_filter(batch.key)
         with runner.autocast(), self.timer("key_forward"):
-            keys = self._step_keys(batch)
-        return AdiosInputs(batch, choice, keys)
+            keys = self._step_keys(key_view)
+        return AdiosInputs(batch, key_view, choice, keys)
 
     def encoder_step(self, runner: StepRunner, inputs: AdiosInputs) -> StepOutput:
         output = runner.forward(inputs, phase="encoder")
@@ -273,8 +275,8 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
     def _trained_encoders(self) -> list[nn.Module]:
         return [self.encoder_q]
 
-    def _step_keys(self, batch: TwoViewBatch) -> torch.Tensor:
-        keys, _ = self._encode_keys(self.input_filter(batch.key), False)
+    def _step_keys(self, key_view: torch.Tensor) -> torch.Tensor:
+        keys, _ = self._encode_keys(key_view, False)
         return keys.float()
 
     def step_inputs(self, runner: StepRunner, batch: TwoViewBatch) -> AdiosInputs:
@@ -289,17 +291,17 @@ class MoCoV2Adios(AdiosMixin, MoCoV2):
         queue, own = inputs.negatives
         # the reverse direction (clean query, masked key) does not depend on the masks: encoder half only
         reverse = self.symmetric and train_encoder
-        clean_queries = self.encoder_q(self.input_filter(inputs.batch.key)).float() if reverse else None
+        clean_queries = self.encoder_q(inputs.key_view).float() if reverse else None
         losses, accuracies = [], []
         for view in views:
             queries = self.encoder_q(view).float()
             logits, labels = moco_logits(queries, inputs.keys, queue, self.temperature, not_negative=own)
             loss, accuracy = contrastive_loss(logits, labels), contrastive_accuracy(logits.detach(), labels)
             if reverse:
-                masked_keys, _ = self._encode_keys(view, False)
+                masked_keys = self._encode_keys(view, False)[0].float()
                 reverse_queue, reverse_own = self._queue_negatives(
-                    inputs.batch.index, *self._gather_batch(masked_keys.float(), inputs.batch.index))
-                logits, labels = moco_logits(clean_queries, masked_keys.float(), reverse_queue, self.temperature,
+                    inputs.batch.index, *self._gather_batch(masked_keys, inputs.batch.index))
+                logits, labels = moco_logits(clean_queries, masked_keys, reverse_queue, self.temperature,
                                              not_negative=reverse_own)
                 loss = (loss + contrastive_loss(logits, labels)) / 2
                 accuracy = (accuracy + contrastive_accuracy(logits.detach(), labels)) / 2
@@ -323,7 +325,7 @@ class SimCLRAdios(AdiosMixin, SimCLR):
         return [self.encoder]
 
     def _ssl_losses(self, views, inputs, train_encoder):
-        key = self.input_filter(inputs.batch.key)
+        key = inputs.key_view
         with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
             z_key = self.encoder(key).float()
         all_key = distributed.gather_with_grad(z_key)
