@@ -22,6 +22,7 @@ accumulation (``--batch-policy accumulate``, default) or scale lr and schedule l
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -222,6 +223,28 @@ def _check_task(task: str, cfg, config_file: Path) -> None:
         raise DetectionSetupError(f"--task coco reports bbox and segm AP; {config_file.name} has MODEL.MASK_ON False")
 
 
+def _check_schedule(cfg) -> None:
+    """Build the run's learning-rate schedule once here, so that an impossible one (a step at or after
+    ``SOLVER.MAX_ITER``, steps out of order, no iterations) is one clear error instead of a traceback
+    from inside the trainer after the weights were converted."""
+    from detectron2.solver import build_lr_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(cfg.SOLVER.BASE_LR))
+    logger = logging.getLogger("detectron2.solver.build")  # its "steps beyond MAX_ITER" warning: the trainer's to say
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        build_lr_scheduler(cfg, optimizer)
+    except (ValueError, ZeroDivisionError) as err:
+        raise DetectionSetupError(
+            f"the learning-rate schedule cannot run: SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}, SOLVER.STEPS "
+            f"{tuple(cfg.SOLVER.STEPS)} ({err}). Steps must increase and stay below SOLVER.MAX_ITER; when you "
+            "shorten SOLVER.MAX_ITER, set SOLVER.STEPS as well, e.g. SOLVER.MAX_ITER 100 SOLVER.STEPS '(80,)'"
+        ) from err
+    finally:
+        logger.setLevel(level)
+
+
 def _dataset_names(task: str, config_file: Path, overrides: Sequence[str]) -> tuple[str, ...]:
     cfg = _base_config()
     try:
@@ -230,6 +253,7 @@ def _dataset_names(task: str, config_file: Path, overrides: Sequence[str]) -> tu
         raise DetectionSetupError(f"{config_file} is not a detectron2 config this suite can read: {err}") from err
     _merge_overrides(cfg, overrides)
     _check_task(task, cfg, config_file)
+    _check_schedule(cfg)  # cheap: before any conversion
     return tuple(dict.fromkeys((*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)))
 
 
@@ -318,6 +342,7 @@ def plan_detection(task: str, weights: str | os.PathLike, *, data_root: str | os
         adaptation = adapt_to_world_size(cfg, world_size, batch_policy)
     except ValueError as err:
         raise DetectionSetupError(str(err)) from err
+    _check_schedule(cfg)
     norm_changes = use_plain_bn_on_one_device(cfg, world_size)
 
     import yaml

@@ -51,6 +51,21 @@ def test_cli_reports_a_bad_root_in_one_line(tmp_path, random_checkpoint_factory,
     assert message.startswith("error:") and "\n" not in message and str(tmp_path / "coco") in message
 
 
+@pytest.mark.parametrize("overrides, shown", [
+    (["SOLVER.MAX_ITER", "50"], "SOLVER.STEPS (50,)"),  # micro's step now falls on the last iteration
+    (["SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "(1,)"], "SOLVER.MAX_ITER 1"),
+    (["SOLVER.STEPS", "(50, 40)"], "SOLVER.STEPS (50, 40)"),
+])
+def test_an_impossible_schedule_is_one_error_before_anything_runs(toy_world, tmp_path, random_checkpoint_factory,
+                                                                  capsys, overrides, shown):
+    code = main(["--task", "voc", "--weights", str(random_checkpoint_factory()), "--config", "micro",
+                 "--data-root", str(toy_world), "--out", str(tmp_path / "run"), *overrides])
+    message = capsys.readouterr().err.strip()
+    assert code == 1 and message.startswith("error:") and "\n" not in message and "Traceback" not in message
+    assert shown in message and "SOLVER.STEPS as well" in message
+    assert not (tmp_path / "run").exists()  # no conversion, no failed record
+
+
 def test_a_listed_image_without_annotation_is_named(toy_world, tmp_path):
     root = copy_voc(toy_world, tmp_path)
     listing = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main" / "trainval.txt"
