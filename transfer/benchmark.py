@@ -96,14 +96,19 @@ def _words(text: str | None) -> list[str] | None:
 
 def _seeds(text: str) -> list[int]:
     try:
-        if "," in text:
-            return [int(part) for part in text.split(",") if part.strip()]
-        count = int(text)
+        seeds = [int(part) for part in text.split(",") if part.strip()] if "," in text else None
+        count = int(text) if seeds is None else len(seeds)
     except ValueError as err:
         raise BenchmarkConfigError(f"--seeds expects a count (3) or a list (0,1,2), got '{text}'") from err
-    if count < 1:
-        raise BenchmarkConfigError("--seeds must be at least 1")
-    return list(range(count))
+    if seeds is None:
+        if count < 1:
+            raise BenchmarkConfigError(f"--seeds {text}: a count must be at least 1 (one seed N alone: --seeds N,)")
+        return list(range(count))
+    if not seeds or any(seed < 0 for seed in seeds):
+        raise BenchmarkConfigError(f"--seeds {text}: seeds are non-negative integers, e.g. --seeds 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise BenchmarkConfigError(f"--seeds {text}: a seed is listed twice; list each seed once")
+    return seeds
 
 
 def configure(args: argparse.Namespace) -> tuple[BenchmarkConfig, Selection]:

@@ -27,6 +27,22 @@ SOURCES = ("pretrain", "random_init", "external")
 LAUNCHERS = ("none", "torchrun", "num-gpus")  # how a cell uses several GPUs
 MODEL_KEYS = ("base", "masking", "strategy", "mask_branch")
 STAGES = ("pretrain", "pictures", "tables")  # --only words that are not task names or task kinds
+# Every key the matrix config may hold: a misspelt key (in the file or in --set) is an error, not ignored.
+_TASK_KEYS = ("kind", "record_task", "module", "args", "protocol", "needs", "launcher", "resume_args", "requires",
+              "estimate_s", "timeout_s")
+_METHOD_KEYS = ("source", "config", "checkpoint", "tasks", "overrides", "pictures", *MODEL_KEYS)
+KNOWN_KEYS: dict[str, tuple[str, ...] | None] = {  # section -> its keys (None: not a mapping)
+    "preset": None, "description": None, "arch": None, "image_size": None, "seeds": None, "pretrain_seed": None,
+    "pretrain_per_seed": None,
+    "data": ("root", "toy_world"),
+    "machine": ("jobs", "gpus"),
+    "pretrain": ("module", "config_dir", "data_subdir", "overrides", "resume_args", "launcher", "estimate_s",
+                 "timeout_s"),
+    "convert": ("estimate_s",),
+    "pictures": ("module", "args", "estimate_s"),
+    "tasks": None,
+    "methods": None,
+}
 
 
 class BenchmarkConfigError(ValueError):
@@ -173,8 +189,30 @@ def _number(value: Any, where: str, default: float | None) -> float | None:
     return float(value)
 
 
+def _unknown_keys(raw: dict[str, Any], where: str) -> None:
+    """One error naming the first key the format does not have (a typo would otherwise be ignored)."""
+
+    def check(node: Any, allowed: tuple[str, ...], at: str) -> None:
+        if not isinstance(node, dict):
+            return
+        unknown = [str(key) for key in node if key not in allowed]
+        _need(not unknown, f"{where}: unknown key '{at}{unknown[0] if unknown else ''}'; "
+                           f"{at.rstrip('.') or 'the top level'} takes: {', '.join(allowed)} (docs/benchmark.md)")
+
+    check(raw, tuple(KNOWN_KEYS), "")
+    for section, keys in KNOWN_KEYS.items():
+        if keys is not None:
+            check(raw.get(section), keys, f"{section}.")
+    for group, keys in (("tasks", _TASK_KEYS), ("methods", _METHOD_KEYS)):
+        entries = raw.get(group)
+        if isinstance(entries, dict):
+            for name, spec in entries.items():
+                check(spec, keys, f"{group}.{name}.")
+
+
 def parse_config(raw: dict[str, Any], source: str) -> BenchmarkConfig:
     where = source
+    _unknown_keys(raw, where)
     _need(isinstance(raw.get("preset"), str) and raw["preset"].isidentifier(),
           f"{where}: 'preset' must be a short name (letters, digits, _), got {raw.get('preset')!r}")
     data = raw.get("data") or {}

@@ -177,6 +177,11 @@ def build_plan(config: BenchmarkConfig, selection: Selection | None = None) -> P
                 plan.add(Cell(f"pictures/{name}", "pictures", name, seed=model_seed,
                               deps=(*data_deps, model.id), model_cell=model.id))
 
+    if (selection.methods or selection.only) and (tasks or stages - {"tables"}) and not any(c.method for c in plan):
+        runs = "; ".join(f"{name}: {', '.join(config.methods[name].tasks or list(config.tasks))}" for name in methods)
+        raise BenchmarkConfigError(
+            f"--methods/--only select no cell: no chosen method runs {', '.join(tasks or sorted(stages - {'tables'}))} "
+            f"(tasks per method: {runs}); choose tasks the methods have, or other methods")
     if data_deps and not any("data" in cell.deps for cell in plan):
         del plan.cells["data"]
     if selection.tables and "tables" in stages:

@@ -101,7 +101,7 @@ def matrix_text(results: dict[str, CellResult], plan: Plan) -> str:
         grid[cell.method][column].append(result.status if result else "left")
     if not grid:
         return ""
-    width = max(len(name) for name in grid) + 2
+    width = max(len("method"), *(len(name) for name in grid)) + 2
     lines = ["", "method".ljust(width) + "  ".join(c.ljust(max(5, len(c))) for c in columns)]
     for method, row in grid.items():
         cells = []

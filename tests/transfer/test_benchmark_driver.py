@@ -345,6 +345,10 @@ def test_external_checkpoint_adds_its_row_to_the_preset(finished_matrix, tmp_pat
         (["--checkpoint", "x.pth"], "its --name"),
         (["--checkpoint", "/nonexistent/x.pth", "--name", "x"], "no such file"),
         (["--seeds", "three"], "--seeds expects"),
+        (["--seeds", "0,0"], "a seed is listed twice"),
+        (["--seeds=-1,2"], "seeds are non-negative"),
+        (["--seeds", "0"], "one seed N alone: --seeds N,"),
+        (["--set", "machine.job=4"], "unknown key 'machine.job'"),
         (["--set", "seeds=[]"], "'seeds' must be a non-empty list"),
     ],
 )

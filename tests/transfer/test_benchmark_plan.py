@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from transfer.benchmark_config import BenchmarkConfigError, config_path_for, loa
 from transfer.benchmark_kinds import KINDS
 from transfer.benchmark_plan import Selection, build_plan, forced_cells
 from transfer.benchmark_progress import Progress
+from transfer.benchmark_report import matrix_text
 from transfer.benchmark_state import CellState, Problem, decide, fingerprint
 from transfer.benchmark_workspace import Workspace
 from transfer.records import TASKS
@@ -82,6 +84,42 @@ def test_only_and_methods_select_tasks_and_keep_what_they_need():
     assert {c.kind for c in pretrain_only} == {"data", "pretrain", "random_init", "tables"}
     with pytest.raises(BenchmarkConfigError, match="matches no method"):
         build_plan(config, Selection(methods=["byol"]))
+
+
+def test_a_selection_of_no_cell_is_refused_naming_what_the_methods_run():
+    config = preset("toy")
+    with pytest.raises(BenchmarkConfigError, match="select no cell") as err:
+        build_plan(config, Selection(only=["voc"], methods=["mocov2_hp_key"]))  # a Table C row: ImageNet-100 only
+    assert "mocov2_hp_key: imagenet100" in str(err.value)
+    assert list(build_plan(config, Selection(only=["tables"], methods=["mocov2_hp_key"])).cells) == ["tables"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("machine.job=4", "unknown key 'machine.job'; machine takes: jobs, gpus"),
+    ("seed=[1]", "unknown key 'seed'"),
+    ("tasks.voc.arg=[x]", "unknown key 'tasks.voc.arg'"),
+    ("methods.random.sorce=external", "unknown key 'methods.random.sorce'"),
+])
+def test_a_misspelt_key_is_an_error_not_ignored(override, message):
+    with pytest.raises(BenchmarkConfigError, match=message):
+        preset("toy", override)
+
+
+def test_a_misspelt_key_in_the_file_is_an_error(tmp_path):
+    text = config_path_for("mini").read_text().replace("machine:\n  jobs:", "machine:\n  job:", 1)
+    assert "  job:" in text
+    (tmp_path / "typo.yaml").write_text(text)
+    with pytest.raises(BenchmarkConfigError, match="unknown key 'machine.job'"):
+        load_benchmark_config(tmp_path / "typo.yaml")
+
+
+def test_summary_matrix_columns_line_up_for_short_method_names():
+    config = preset("toy")
+    config.methods = {"rnd": dataclasses.replace(config.methods["random"], name="rnd")}
+    lines = matrix_text({}, build_plan(config, Selection(only=["voc", "caltech101"]))).splitlines()
+    header, row = lines[1], lines[2]
+    assert header.split() == ["method", "model", "convert", "voc", "caltech101"] and row.split()[0] == "rnd"
+    assert row.index("-") == header.index("model")  # the row's first cell sits under its column
 
 
 def test_force_reruns_the_selected_cells_not_the_checkpoints_they_need():
