@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -199,6 +200,12 @@ def is_valid_for(record: dict[str, Any], weights_sha256: str, config: dict[str, 
     )
 
 
+def _named_like_a_record(filename: str) -> bool:
+    """``<task>__<name>__seed<N>.json`` (:func:`record_filename`) for a known task."""
+    task, _, rest = filename.partition("__")
+    return task in TASKS and re.fullmatch(r".+__seed\d+\.json", rest) is not None
+
+
 def load_records(
     paths: Iterable[str | os.PathLike], on_error: str = "warn"
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
@@ -219,7 +226,15 @@ def load_records(
                 problems.append((str(file), f"unreadable: {err}"))
                 continue
             if not (isinstance(raw, dict) and raw.get("schema") == SCHEMA):
-                continue  # other JSON files (reports, manifests) live beside records
+                if not _named_like_a_record(file.name):
+                    continue  # other JSON files (reports, manifests) live beside records
+                problem = (f"{file}: named like a record but holds "
+                           f"{'no schema ' + repr(SCHEMA) if isinstance(raw, dict) else 'a JSON ' + type(raw).__name__}"
+                           "; the file is corrupt or foreign, delete it to recompute")
+                if on_error == "raise":
+                    raise RecordError(problem)
+                problems.append((str(file), problem))
+                continue
             try:
                 records.append(validate_record(raw, str(file)))
             except RecordError as err:

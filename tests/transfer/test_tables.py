@@ -483,6 +483,21 @@ def test_corrupt_and_invalid_records_are_reported_and_excluded(tmp_path, capsys)
     assert "report.json" not in readme
 
 
+def test_a_file_named_like_a_record_without_its_schema_is_reported(tmp_path, capsys):
+    linear(tmp_path, "moco", [60.0])
+    records = tmp_path / "records"
+    (records / "logreg_caltech101__moco__seed0.json").write_text("[1, 2]")  # overwritten by something else
+    (records / "logreg_flowers102__moco__seed0.json").write_text(json.dumps({"status": "ok", "seed": 0}))
+    (records / "run_state__moco__notes.json").write_text(json.dumps({"not": "a record"}))  # not a record's name
+    assert run(tmp_path) == 0
+    warnings = capsys.readouterr().err
+    assert "logreg_caltech101__moco__seed0.json" in warnings and "logreg_flowers102__moco__seed0.json" in warnings
+    readme = (tmp_path / "README.md").read_text()
+    section = readme.split("### Invalid record files")[1].split("###")[0]
+    assert ": 2" in section.splitlines()[0] and "named like a record" in section
+    assert "run_state__moco__notes.json" not in readme
+
+
 def test_toy_and_paper_presets_are_never_mixed(tmp_path, capsys):
     linear(tmp_path, "moco", [40.0, 42.0], preset="toy")
     linear(tmp_path, "moco", [68.0], preset="paper", protocol="in100_probe_100ep", subdir="paper_records")
