@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "every method of a preset (configs/benchmark/PRESET.yaml). Finished cells are skipped, interrupted ones "
             "resume, cells whose inputs changed rerun. Details: docs/benchmark.md.", 100))
     which = parser.add_argument_group("what to run")
-    which.add_argument("--preset", default="toy", help="configs/benchmark/PRESET.yaml (default: toy; also: paper)")
+    which.add_argument("--preset", default="toy", help="configs/benchmark/PRESET.yaml (default: toy; also: paper, mini)")
     which.add_argument("--config", metavar="FILE.yaml", help="a matrix config file instead of the preset's")
     which.add_argument("--methods", metavar="A,B,...", help="only these methods (names or shell patterns, e.g. 'simclr*')")
     which.add_argument("--only", metavar="WORDS", help="only these tasks: task names (voc, coco, imagenet100, "
@@ -118,7 +118,11 @@ def configure(args: argparse.Namespace) -> tuple[BenchmarkConfig, Selection]:
     if args.seeds:
         config.seeds = _seeds(args.seeds)
     if args.gpus is not None:
+        if args.gpus < 0:
+            raise BenchmarkConfigError("--gpus must be 0 or more")
         config.gpus = args.gpus
+    if args.threads is not None and args.threads < 1:
+        raise BenchmarkConfigError("--threads must be at least 1")
     if args.jobs is not None:
         if args.jobs < 1:
             raise BenchmarkConfigError("--jobs must be at least 1")

@@ -349,6 +349,8 @@ def test_external_checkpoint_adds_its_row_to_the_preset(finished_matrix, tmp_pat
         (["--seeds=-1,2"], "seeds are non-negative"),
         (["--seeds", "0"], "one seed N alone: --seeds N,"),
         (["--set", "machine.job=4"], "unknown key 'machine.job'"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--gpus=-1"], "--gpus must be 0 or more"),
         (["--set", "seeds=[]"], "'seeds' must be a non-empty list"),
     ],
 )
