@@ -256,7 +256,7 @@ class Trainer:
                 result = self.monitor.evaluate(self.method.features)
         finally:
             self.method.train(was_training)
-        self.skipped |= self.monitor.skipped
+        self._handle_skipped(sorted(self.monitor.skipped))  # bank and query images: warned like training's
         self.last_knn = {k: round(v, 4) for k, v in result.items()}
         return result
 
@@ -267,6 +267,7 @@ class Trainer:
         wanted = int(cfg.visualize.num_images)
         dataset.samples = balanced_subset(dataset.samples, wanted, int(cfg.seed))[:wanted]  # one class per row first
         raw = collate_samples([dataset[i] for i in range(len(dataset))])
+        self._handle_skipped(raw["skipped"])
         return to_device_batch(raw, self.device)
 
     def _picture(self) -> None:
