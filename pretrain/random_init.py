@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.random_init", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="output checkpoint (.pth)")
-    parser.add_argument("--arch", default="resnet50", choices=sorted(FEATURE_DIMS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", default="resnet50", choices=sorted(FEATURE_DIMS),
+                        help="torchvision ResNet to initialise (default: resnet50)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the initialisation (default: 0)")
     parser.add_argument("--image-size", type=int, default=224, help="recorded in the metadata only")
     parser.add_argument("--force", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         path = random_init_checkpoint(args.out, args.arch, args.seed, args.image_size, args.force)
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot write {args.out} ({err.strerror}): choose a writable path", file=sys.stderr)
         return 2
     print(f"random-init {args.arch} (seed {args.seed}) -> {path}")
     return 0
