@@ -44,6 +44,17 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _resume_hint(cfg) -> str:
+    from pathlib import Path
+
+    from pretrain.rundir import LAST
+
+    last = Path(str(cfg.out_dir)) / LAST if cfg is not None else None
+    if last is not None and last.is_file():
+        return f"rerun the same command to resume from the last checkpoint ({last})"
+    return "nothing was checkpointed yet; rerunning the same command starts the run again"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pretrain.engine import TrainingError
@@ -51,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C: a checkpoint being written is discarded (its temporary file removed),
     # the log and TensorBoard files are closed, and the message says how to resume.
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -69,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"{what}: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print(f"{what}: {_resume_hint(cfg)}", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous_handler)

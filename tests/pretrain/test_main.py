@@ -29,10 +29,15 @@ def test_sigterm_during_training_is_reported_like_ctrl_c(monkeypatch, capsys, tm
 
     monkeypatch.setattr(pretrain.engine, "train", train)
     before = signal.getsignal(signal.SIGTERM)
-    code = main([str(CONFIG["mocov2"]), f"data.root={tmp_path}"])
-    assert code == 143
-    assert "terminated (SIGTERM): rerun the same command to resume" in capsys.readouterr().err
+    command = [str(CONFIG["mocov2"]), f"data.root={tmp_path}", f"out_dir={tmp_path / 'run'}"]
+    assert main(command) == 143
+    assert capsys.readouterr().err == ("terminated (SIGTERM): nothing was checkpointed yet; rerunning the same "
+                                       "command starts the run again\n")
     assert signal.getsignal(signal.SIGTERM) == before  # the handler does not outlive the command
+    (tmp_path / "run" / "checkpoint_last.pth").parent.mkdir()
+    (tmp_path / "run" / "checkpoint_last.pth").write_bytes(b"x")
+    assert main(command) == 143
+    assert "rerun the same command to resume from the last checkpoint" in capsys.readouterr().err
 
 
 def test_unwritable_out_dir_is_one_line(capsys, tmp_path):
