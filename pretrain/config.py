@@ -351,6 +351,9 @@ def validate(cfg: DictConfig) -> None:
             need(0.0 <= low <= high <= 1.0, f"masking.{name} must be [low, high] within [0, 1], got {[low, high]}")
     need(cfg.data.batch_size >= 2, "data.batch_size must be at least 2")
     need(cfg.train.epochs >= 1, "train.epochs must be at least 1")
+    need(cfg.knn.k >= 1, f"knn.k must be at least 1 (neighbours that vote), got {cfg.knn.k}")
+    need(cfg.data.limit_train_images is None or cfg.data.limit_train_images >= 1,
+         f"data.limit_train_images must be a positive number of images or null (all), got {cfg.data.limit_train_images}")
     need(cfg.optim.name in ("sgd", "lars", "adamw"),
          f"optim.name must be 'sgd', 'lars' or 'adamw', got '{cfg.optim.name}'")
     need(cfg.schedule.name in ("cosine", "constant"),
