@@ -24,10 +24,11 @@ def random_init_checkpoint(out: str | Path, arch: str = "resnet50", seed: int = 
     out = Path(out)
     if out.exists() and not force:
         existing = load_checkpoint(out)["meta"]
-        if (existing.get("method"), existing.get("arch"), existing.get("seed")) == ("random", arch, seed):
+        wanted = ("random", arch, seed, image_size)
+        if (existing.get("method"), existing.get("arch"), existing.get("seed"), existing.get("image_size")) == wanted:
             return out
-        raise FileExistsError(f"{out} exists and is not a random-init {arch} with seed {seed}; "
-                              "choose another path or pass --force to replace it")
+        raise FileExistsError(f"{out} exists and is not a random-init {arch} with seed {seed} and image size "
+                              f"{image_size}; choose another path or pass --force to replace it")
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

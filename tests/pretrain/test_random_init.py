@@ -36,6 +36,8 @@ def test_cli_keeps_an_identical_file_and_refuses_a_different_one(tmp_path, capsy
     assert out.stat().st_mtime_ns == before, "an up-to-date file is not rewritten"
     assert main([str(out), "--arch", "resnet18", "--seed", "2"]) == 2
     assert "--force" in capsys.readouterr().err
+    assert main([str(out), "--arch", "resnet18", "--seed", "1", "--image-size", "64"]) == 2  # meta would lie
+    assert "image size 64" in capsys.readouterr().err
     assert main([str(out), "--arch", "resnet18", "--seed", "2", "--force"]) == 0
     assert load_checkpoint(out)["meta"]["seed"] == 2
 
