@@ -15,6 +15,7 @@ See docs/pretraining.md.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from pretrain.checkpoint import CheckpointError
@@ -35,8 +36,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``, torchrun stopping its workers), handled like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _resume_hint(cfg) -> str:
+    from pathlib import Path
+
+    from pretrain.rundir import LAST
+
+    last = Path(str(cfg.out_dir)) / LAST if cfg is not None else None
+    if last is not None and last.is_file():
+        return f"rerun the same command to resume from the last checkpoint ({last})"
+    return "nothing was checkpointed yet; rerunning the same command starts the run again"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pretrain.engine import TrainingError
+
+    # SIGTERM unwinds like Ctrl-C: a checkpoint being written is discarded (its temporary file removed),
+    # the log and TensorBoard files are closed, and the message says how to resume.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -44,18 +70,21 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(cfg), end="")
             return 0
-        from pretrain.engine import TrainingError, train
+        from pretrain.engine import train
 
         final = train(cfg, force=args.force)
     except (ConfigError, DataError, RunDirError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:
+    except (TrainingError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"{what}: {_resume_hint(cfg)}", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(final)
     return 0
 

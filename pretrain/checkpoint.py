@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -103,18 +104,39 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}; was the run killed while saving?")
+    if not _looks_like_torch_save(path):  # a text file, an image, ...: torch would misread it as a pickle
+        raise CheckpointError(
+            f"cannot read {path}: it is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+            f"pickle; it starts with {_head(path)!r}). Point to the .pth file that torch.save wrote."
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        found = _UNSUPPORTED_GLOBAL.search(str(err))
+        what = f"e.g. {found.group(1)}" if found else _first_line(err)
         raise CheckpointError(
             f"refusing to load {path}: it contains Python objects other than tensors and plain containers "
-            f"({_first_line(err)}). Loading it would run code from the file; re-save only its state_dict."
+            f"({what}). Loading it would run code from the file; re-save only its state_dict."
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as err:
         raise CheckpointError(
             f"cannot read {path}: the file is truncated or corrupt, or not a PyTorch checkpoint "
             f"({_first_line(err)}). Re-download or re-save it."
         ) from err
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # pickle protocol >= 2: what the legacy (pre-1.6) torch.save stream starts with
+
+
+def _head(path: Path, size: int = 16) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(size)
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    return _head(path).startswith((_ZIP_MAGIC, _PICKLE_PROTO))
 
 
 def _first_line(err: BaseException) -> str:

@@ -13,12 +13,14 @@ key, never silently ignored. The resolved config is what a run records (``config
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from pretrain.encoder import SALIENCY_LAYERS
 from pretrain.masking import MaskingParams
@@ -242,8 +244,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     file_node = read_yaml_tree(path) if path is not None else OmegaConf.create({})
     try:
         override_node = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"bad override in {list(overrides)}: {err}. Use key=value, e.g. train.epochs=10") from err
+    except (OmegaConfBaseException, YAMLError) as err:
+        bad = _unparsable_override(overrides)
+        raise ConfigError(f"cannot parse the override {bad!r}: {_first_line(err)}. Use key=value with a YAML "
+                          "value, e.g. train.epochs=10 or masking.query_ratio=[0.1,0.3]") from err
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.epochs=10)")
@@ -255,7 +259,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"invalid key or value in the {source}: {_describe(err)}") from err
+            raise ConfigError(f"invalid key or value in the {source}: {_describe(err)}{_suggestion(cfg, err)}") from err
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
@@ -264,6 +268,34 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError("data.root is not set: pass data.root=DIR (an ImageFolder root with train/ and val/)")
     validate(cfg)
     return cfg
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _unparsable_override(overrides: list[str] | tuple[str, ...]) -> str:
+    """The first override whose value OmegaConf cannot parse on its own (all of them if none is)."""
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, YAMLError):
+            return item
+    return " ".join(overrides)
+
+
+def _suggestion(cfg: DictConfig, err: OmegaConfBaseException) -> str:
+    """'; did you mean train.epochs?' for a misspelt key, else ''."""
+    key = getattr(err, "full_key", None)
+    if not key or "not in" not in str(err):
+        return ""
+    parent, _, leaf = str(key).rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return ""
+    close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
+    return f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
 
 
 def _describe(err: OmegaConfBaseException) -> str:
@@ -319,6 +351,9 @@ def validate(cfg: DictConfig) -> None:
             need(0.0 <= low <= high <= 1.0, f"masking.{name} must be [low, high] within [0, 1], got {[low, high]}")
     need(cfg.data.batch_size >= 2, "data.batch_size must be at least 2")
     need(cfg.train.epochs >= 1, "train.epochs must be at least 1")
+    need(cfg.knn.k >= 1, f"knn.k must be at least 1 (neighbours that vote), got {cfg.knn.k}")
+    need(cfg.data.limit_train_images is None or cfg.data.limit_train_images >= 1,
+         f"data.limit_train_images must be a positive number of images or null (all), got {cfg.data.limit_train_images}")
     need(cfg.optim.name in ("sgd", "lars", "adamw"),
          f"optim.name must be 'sgd', 'lars' or 'adamw', got '{cfg.optim.name}'")
     need(cfg.schedule.name in ("cosine", "constant"),

@@ -25,7 +25,8 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 LAYOUT_HINT = "expected ROOT/<split>/<class>/<image> (ImageNet layout, e.g. imagenet100/train/n01749939/x.JPEG)"
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+# DecompressionBombError: a header claiming > 2 x Image.MAX_IMAGE_PIXELS (a corrupt or hostile file)
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):

@@ -256,7 +256,7 @@ class Trainer:
                 result = self.monitor.evaluate(self.method.features)
         finally:
             self.method.train(was_training)
-        self.skipped |= self.monitor.skipped
+        self._handle_skipped(sorted(self.monitor.skipped))  # bank and query images: warned like training's
         self.last_knn = {k: round(v, 4) for k, v in result.items()}
         return result
 
@@ -267,6 +267,7 @@ class Trainer:
         wanted = int(cfg.visualize.num_images)
         dataset.samples = balanced_subset(dataset.samples, wanted, int(cfg.seed))[:wanted]  # one class per row first
         raw = collate_samples([dataset[i] for i in range(len(dataset))])
+        self._handle_skipped(raw["skipped"])
         return to_device_batch(raw, self.device)
 
     def _picture(self) -> None:
@@ -334,34 +335,36 @@ class Trainer:
                    disable=not (self.world.is_main and cfg.log.progress))
         iterator = iter(self.loader)
         lrs: dict[str, float] = {}
-        while self.step_in_epoch < self.steps_per_epoch:
-            with self.timer("data"):
-                raw = next(iterator)
-            self._handle_skipped(raw["skipped"])
-            batch = to_device_batch(raw, self.device, self.channels_last)
-            lrs = self.runner.set_learning_rates()
-            metrics = self.method.train_step(self.runner, batch)
-            self.runner.global_step += 1
-            self.step_in_epoch += 1
-            for key, value in metrics.items():
-                value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                sums[key] = sums[key] + value if key in sums else value
-            count += 1
-            images += cfg.data.batch_size
-            bar.update(cfg.data.batch_size)
-            if self.runner.global_step % int(cfg.log.every_steps) == 0 or self.step_in_epoch == self.steps_per_epoch:
-                self._log_step(sums, count, lrs, bar)
-                for key, value in sums.items():
-                    epoch_sums[key] = epoch_sums.get(key, 0.0) + float(value)
-                epoch_count += count
-                sums, count = {}, 0
-            if self._checkpoint_due() and self.step_in_epoch < self.steps_per_epoch:
-                self.elapsed += time.monotonic() - start
-                start = time.monotonic()
-                self.save_last()
-            if self.step_hook is not None:
-                self.step_hook(self)
-        bar.close()
+        try:
+            while self.step_in_epoch < self.steps_per_epoch:
+                with self.timer("data"):
+                    raw = next(iterator)
+                self._handle_skipped(raw["skipped"])
+                batch = to_device_batch(raw, self.device, self.channels_last)
+                lrs = self.runner.set_learning_rates()
+                metrics = self.method.train_step(self.runner, batch)
+                self.runner.global_step += 1
+                self.step_in_epoch += 1
+                for key, value in metrics.items():
+                    value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                    sums[key] = sums[key] + value if key in sums else value
+                count += 1
+                images += cfg.data.batch_size
+                bar.update(cfg.data.batch_size)
+                if self.runner.global_step % int(cfg.log.every_steps) == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    self._log_step(sums, count, lrs, bar)
+                    for key, value in sums.items():
+                        epoch_sums[key] = epoch_sums.get(key, 0.0) + float(value)
+                    epoch_count += count
+                    sums, count = {}, 0
+                if self._checkpoint_due() and self.step_in_epoch < self.steps_per_epoch:
+                    self.elapsed += time.monotonic() - start
+                    start = time.monotonic()
+                    self.save_last()
+                if self.step_hook is not None:
+                    self.step_hook(self)
+        finally:
+            bar.close()  # also when interrupted: the message then starts on a clean line
         seconds = time.monotonic() - start
         self.elapsed += seconds
         means = {k: v / max(1, epoch_count) for k, v in epoch_sums.items()}

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            os.fchmod(handle.fileno(), _permissions(target))  # not mkstemp's 0600: others may need to read it
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -39,6 +41,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp_name)
         raise
     _fsync_directory(target.parent)
+
+
+def _permissions(target: Path) -> int:
+    """The mode a plain ``open(target, "w")`` would give: the existing file's, else 0666 minus the umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_directory(directory: Path) -> None:

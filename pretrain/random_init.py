@@ -24,10 +24,11 @@ def random_init_checkpoint(out: str | Path, arch: str = "resnet50", seed: int = 
     out = Path(out)
     if out.exists() and not force:
         existing = load_checkpoint(out)["meta"]
-        if (existing.get("method"), existing.get("arch"), existing.get("seed")) == ("random", arch, seed):
+        wanted = ("random", arch, seed, image_size)
+        if (existing.get("method"), existing.get("arch"), existing.get("seed"), existing.get("image_size")) == wanted:
             return out
-        raise FileExistsError(f"{out} exists and is not a random-init {arch} with seed {seed}; "
-                              "choose another path or pass --force to replace it")
+        raise FileExistsError(f"{out} exists and is not a random-init {arch} with seed {seed} and image size "
+                              f"{image_size}; choose another path or pass --force to replace it")
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -44,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.random_init", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="output checkpoint (.pth)")
-    parser.add_argument("--arch", default="resnet50", choices=sorted(FEATURE_DIMS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", default="resnet50", choices=sorted(FEATURE_DIMS),
+                        help="torchvision ResNet to initialise (default: resnet50)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the initialisation (default: 0)")
     parser.add_argument("--image-size", type=int, default=224, help="recorded in the metadata only")
     parser.add_argument("--force", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         path = random_init_checkpoint(args.out, args.arch, args.seed, args.image_size, args.force)
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot write {args.out} ({err.strerror}): choose a writable path", file=sys.stderr)
         return 2
     print(f"random-init {args.arch} (seed {args.seed}) -> {path}")
     return 0

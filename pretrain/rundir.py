@@ -51,10 +51,19 @@ class Decision:
 def decide(out_dir: Path, config: dict[str, Any], resume: str, force: bool) -> Decision:
     """What to do with ``out_dir`` for this config (run on the main process only)."""
     final, last = out_dir / FINAL, out_dir / LAST
+    _check_writable(out_dir)
+    explicit = Path(resume) if resume not in ("auto", "never") else None
+    if explicit is not None and not explicit.exists():
+        raise RunDirError(f"resume={resume}: no such checkpoint")
     if force:
+        if explicit is not None and explicit.resolve() in {(out_dir / name).resolve() for name in (FINAL, LAST)}:
+            raise RunDirError(f"--force clears {out_dir}, which would delete resume={resume} before resuming from "
+                              "it: copy the checkpoint out of the run directory first, or drop --force")
+        if explicit is not None:
+            _check_resumable(explicit, config, f"cannot resume from {explicit}")
         clear(out_dir)
-        if resume not in ("auto", "never"):
-            return Decision("resume", Path(resume), f"--force: cleared {out_dir}; resuming from {resume}")
+        if explicit is not None:
+            return Decision("resume", explicit, f"--force: cleared {out_dir}; resuming from {resume}")
         return Decision("fresh", message=f"--force: cleared {out_dir}")
     if final.exists():
         meta = _meta(final)
@@ -67,11 +76,9 @@ def decide(out_dir: Path, config: dict[str, Any], resume: str, force: bool) -> D
                 f"{out_dir} holds a finished run with a different config ({'; '.join(diff[:6])}). Choose another "
                 "out_dir=..., or pass --force to overwrite it"
             )
-    if resume not in ("auto", "never"):
-        path = Path(resume)
-        if not path.exists():
-            raise RunDirError(f"resume={resume}: no such checkpoint")
-        return Decision("resume", path, f"resuming from {path}")
+    if explicit is not None:
+        _check_resumable(explicit, config, f"cannot resume from {explicit}")
+        return Decision("resume", explicit, f"resuming from {explicit}")
     if last.exists():
         if resume == "never":
             raise RunDirError(f"{out_dir} holds an unfinished run ({last}); use resume=auto to continue it, "
@@ -88,11 +95,37 @@ def decide(out_dir: Path, config: dict[str, Any], resume: str, force: bool) -> D
     return Decision("fresh")
 
 
+def _check_writable(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"out_dir={out_dir} is a file, not a directory: choose another out_dir=...")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create the run directory {out_dir} ({err.strerror}): set out_dir=... to a "
+                          "writable directory") from err
+
+
+def _check_resumable(path: Path, config: dict[str, Any], what: str) -> None:
+    """``resume=PATH`` continues a run only with a config that computes the same thing (as resume=auto)."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as err:  # a foreign, truncated or unsafe file
+        raise RunDirError(f"{what}: {err}") from err
+    if checkpoint.get("training") is None:
+        raise RunDirError(f"{what}: it has no training state (a final.pth?); resume needs a checkpoint_last.pth")
+    diff = config_differences(without_runtime_keys(checkpoint["meta"].get("config", {})),
+                              without_runtime_keys(config))
+    if diff:
+        raise RunDirError(f"{what}: the config differs ({'; '.join(diff[:6])}). Use the config that checkpoint "
+                          "was trained with (its meta.config), or drop resume=... to start a new run")
+
+
 def _meta(path: Path) -> dict[str, Any]:
     try:
         return load_checkpoint(path)["meta"]
     except CheckpointError as err:
-        raise RunDirError(f"{err}. The run directory's checkpoint is damaged: remove it or pass --force") from err
+        raise RunDirError(f"{str(err).rstrip('.')}. The run directory's checkpoint is damaged: remove it or pass "
+                          "--force") from err
 
 
 def clear(out_dir: Path) -> None:

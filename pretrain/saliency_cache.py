@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from pretrain.checkpoint import IMAGENET_NORMALIZE
+from pretrain.data import DECODE_ERRORS
 from pretrain.fileio import atomic_write_json, atomic_write_text, sha256_json
 from pretrain.saliency import (
     DEFAULT_GRID,
@@ -107,7 +108,7 @@ class _WholeImages(torch.utils.data.Dataset):
         try:
             with Image.open(self.files[index]) as image:
                 pixels = TF.pil_to_tensor(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError):
+        except DECODE_ERRORS:
             return torch.zeros(3, self.image_size, self.image_size), False
         pixels = TF.resize(pixels, [self.image_size, self.image_size], antialias=True)
         return TF.normalize(pixels.float() / 255, self.normalize["mean"], self.normalize["std"]), True

@@ -159,6 +159,15 @@ def load_frozen_resnet(path: Path) -> tuple[nn.Module, str, dict[str, Any] | Non
             "source needs a ResNet-18/34/50/101 (e.g. a supervised ResNet-50), not a ViT or another network"
         )
     trunk = build_resnet(arch)
+    expected = trunk.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: the ResNet weights do not fit a torchvision {arch}: {len(wrong)} tensor(s) have another "
+            f"shape, e.g. {wrong[0]} (a CIFAR-style stem or a wider variant?); the frozen saliency source needs a "
+            "standard torchvision ResNet-18/34/50/101"
+        )
     missing, unexpected = trunk.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: ResNet weights do not fit {arch} (missing {missing[:3]}, "

@@ -178,6 +178,15 @@ def variant_overrides(args: argparse.Namespace, variant: Variant, root: Path, fr
     return values + list(args.overrides)
 
 
+def check_overrides(args: argparse.Namespace, variants: list[Variant], root: Path) -> None:
+    """Resolve every variant's config here, so a bad --set fails once, now, not once per variant process."""
+    from pretrain.config import load_config
+
+    placeholder = args.work_dir / "frozen.pth"  # the frozen checkpoint is only made when the steps run
+    for variant in variants:
+        load_config(CONFIG_DIR / args.scale / variant.config, variant_overrides(args, variant, root, placeholder))
+
+
 def frozen_checkpoint(args: argparse.Namespace) -> Path:
     if args.frozen_checkpoint is not None:
         if not args.frozen_checkpoint.is_file():
@@ -366,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cuda" and not torch.cuda.is_available():
             raise BenchError("--device cuda but CUDA is not available here; use --device cpu")
+        if "steps" in parts:
+            check_overrides(args, variants, root)
         current = settings(args, root)
         previous = _load_previous(args.out, current, args.force)
         result = previous or {"format": FORMAT, "settings": current, "machine": machine(args.threads)}

@@ -124,7 +124,7 @@ class MoCoV2(Method):
 
     def _choose_shuffle_bn(self, requested: str, world: distributed.World) -> str:
         if requested == "auto":
-            return "ddp" if world.distributed else "split"
+            requested = "ddp" if world.distributed else "split"
         if requested == "ddp" and not world.distributed:
             raise ValueError("mocov2.shuffle_bn=ddp needs several processes (torchrun); use auto or split")
         if requested not in ("ddp", "split", "none"):

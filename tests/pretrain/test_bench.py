@@ -111,6 +111,10 @@ def test_bad_input_is_one_clear_error(toy_world, tmp_path, capsys):
     assert "unknown variant(s) ['bogus']" in capsys.readouterr().err
     assert main(["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b.json")]) == 2
     assert "--data-root" in capsys.readouterr().err
+    # a bad --set fails once, before any variant runs, and writes no result file
+    assert main(["--data-root", str(toy_world / "imagenet100"), "--set", "train.epoch=3", "--parts", "steps",
+                 "--out", str(tmp_path / "b.json")]) == 2
+    assert "did you mean train.epochs" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
 
 

@@ -67,6 +67,10 @@ def test_base_files_merge_in_order_and_overrides_win(tmp_path):
     (["masking.name=saliency", "masking.strategy=hp", "saliency.source=frozen"], "saliency.checkpoint"),
     (["optim.name=adam"], "optim.name"),
     (["no_equals_sign"], "key=value"),
+    (["train.epochs=2", "masking.query_ratio=[0.1"], "cannot parse the override 'masking.query_ratio=\\[0.1'"),
+    (["data.batchsize=3"], "did you mean data.batch_size"),  # a misspelt key: the close match is named
+    (["knn.k=0"], "knn.k must be at least 1"),  # k=0 reported a meaningless accuracy
+    (["data.limit_train_images=-5"], "data.limit_train_images must be a positive"),
 ])
 def test_bad_keys_and_values_are_named(tmp_path, override, message):
     (tmp_path / "run.yaml").write_text("data: {root: /x}\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from pretrain.data import DataError, ImageFolderDataset, ResumableSampler, collate_samples, find_images
 from tests.pretrain.engine_helpers import make_image_folder
@@ -37,6 +38,15 @@ def test_unreadable_image_is_replaced_by_the_next_and_reported(tmp_path):
     assert torch.equal(sample.views, dataset[2].views)  # the next readable image stands in
     batch = collate_samples([dataset[0], dataset[1], dataset[2]])
     assert batch["skipped"] == [str(broken)] and batch["views"].shape == (3, 3)
+
+
+def test_image_whose_header_claims_a_huge_size_is_skipped_like_a_corrupt_one(tmp_path, monkeypatch):
+    make_image_folder(tmp_path, {"a": 3}, size=40, splits=("train",))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 3)  # 40x40 is now over PIL's bomb limit
+    Image.new("RGB", (20, 20)).save(tmp_path / "train" / "a" / "img_0.png")  # small enough to read
+    Image.new("RGB", (20, 20)).save(tmp_path / "train" / "a" / "img_2.png")
+    dataset = ImageFolderDataset(tmp_path, "train", _identity)
+    assert dataset[1].skipped == [str(tmp_path / "train" / "a" / "img_1.png")]
 
 
 def test_views_depend_on_seed_epoch_and_index_only(tmp_path):

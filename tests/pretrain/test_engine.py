@@ -136,6 +136,18 @@ def test_unreadable_image_is_skipped_once_with_a_warning_and_counted(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == 1
 
 
+def test_unreadable_image_seen_by_the_knn_monitor_is_warned_about_and_counted(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 4, "b": 4}, size=40)
+    broken = root / "val" / "a" / "img_1.png"
+    broken.write_bytes(b"\x89PNG truncated")
+    cfg = load_config(CONFIG["mocov2"], tiny_overrides(root, tmp_path / "run", "mocov2", **{
+        "data.limit_train_images": "null", "knn.enabled": True, "knn.k": 3}))
+    final = train(cfg)
+    warnings = [line for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if "cannot read image" in line]
+    assert len(warnings) == 1 and str(broken) in warnings[0]  # evaluated twice (epochs 0 and 1), warned once
+    assert load_checkpoint(final)["meta"]["skipped_images"] == 1
+
+
 def test_cli_help_and_clear_errors_for_bad_input(tmp_path, toy_root, capsys):
     from pretrain.__main__ import main
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pretrain import distributed
@@ -214,8 +215,6 @@ def test_without_a_queue_the_negatives_are_the_other_keys_of_the_current_batch(m
 
 
 def test_no_queue_needs_batch_negatives():
-    import pytest
-
     with pytest.raises(ValueError, match="queue_size.*batch_negatives=true"):
         _moco("mocov2.queue_size=0")
     with pytest.raises(ValueError, match="queue_size"):
@@ -243,3 +242,9 @@ def test_symmetric_loss_is_the_mean_of_both_directions_and_enqueues_both_key_set
     assert int(symmetric.queue_ptr) == 8 and int(plain.queue_ptr) == 4  # both directions' keys are enqueued
     assert any("symmetric loss" in line for line in symmetric.describe())
     assert not any("symmetric loss" in line for line in plain.describe())
+
+
+def test_default_split_bn_refuses_a_batch_it_cannot_split_by_naming_the_keys():
+    # shuffle_bn=auto on one process is split batch-norm: 4 images do not split into 8 sub-batches
+    with pytest.raises(ValueError, match="mocov2.bn_splits.*change data.batch_size or mocov2.bn_splits"):
+        _moco("mocov2.bn_splits=8", "mocov2.shuffle_bn=auto")

@@ -36,5 +36,18 @@ def test_cli_keeps_an_identical_file_and_refuses_a_different_one(tmp_path, capsy
     assert out.stat().st_mtime_ns == before, "an up-to-date file is not rewritten"
     assert main([str(out), "--arch", "resnet18", "--seed", "2"]) == 2
     assert "--force" in capsys.readouterr().err
+    assert main([str(out), "--arch", "resnet18", "--seed", "1", "--image-size", "64"]) == 2  # meta would lie
+    assert "image size 64" in capsys.readouterr().err
     assert main([str(out), "--arch", "resnet18", "--seed", "2", "--force"]) == 0
     assert load_checkpoint(out)["meta"]["seed"] == 2
+
+
+def test_cli_unwritable_output_is_one_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main([str(blocker / "r.pth"), "--arch", "resnet18"]) == 2  # its folder cannot be created
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err and err.count("\n") == 1
+    assert main([str(tmp_path), "--arch", "resnet18"]) == 2  # a directory: not writable as a file
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

@@ -142,3 +142,11 @@ def test_unknown_saliency_layer_is_refused():
 
     with pytest.raises(ConfigError, match="saliency.feature_layer must be one of"):
         load_config(REPO / "configs/pretrain/toy/mocov2_hp.yaml", ["saliency.feature_layer=layer2"])
+
+
+def test_resnet_with_another_stem_is_refused_not_a_traceback(tmp_path):
+    cifar = build_resnet("resnet18")
+    cifar.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # CIFAR-style stem: same keys, other shapes
+    torch.save(cifar.state_dict(), tmp_path / "cifar.pth")
+    with pytest.raises(CheckpointError, match=r"another shape, e.g. conv1.weight \(64, 3, 3, 3\)"):
+        load_frozen_resnet(tmp_path / "cifar.pth")

@@ -1,0 +1,47 @@
+"""``python -m pretrain``: every failure is one line on stderr with an exit status, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import pretrain.engine
+from pretrain.__main__ import main
+from tests.pretrain.engine_helpers import TOY_CONFIGS
+
+CONFIG = {p.stem: p for p in TOY_CONFIGS}
+
+
+def test_unparsable_override_value_is_a_config_error(capsys):
+    code = main([str(CONFIG["mocov2"]), "data.root=/x", "masking.query_ratio=[0.1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot parse the override 'masking.query_ratio=[0.1'")
+
+
+def test_sigterm_during_training_is_reported_like_ctrl_c(monkeypatch, capsys, tmp_path):
+    def train(cfg, force=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("SIGTERM did not stop training")
+
+    monkeypatch.setattr(pretrain.engine, "train", train)
+    before = signal.getsignal(signal.SIGTERM)
+    command = [str(CONFIG["mocov2"]), f"data.root={tmp_path}", f"out_dir={tmp_path / 'run'}"]
+    assert main(command) == 143
+    assert capsys.readouterr().err == ("terminated (SIGTERM): nothing was checkpointed yet; rerunning the same "
+                                       "command starts the run again\n")
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler does not outlive the command
+    (tmp_path / "run" / "checkpoint_last.pth").parent.mkdir()
+    (tmp_path / "run" / "checkpoint_last.pth").write_bytes(b"x")
+    assert main(command) == 143
+    assert "rerun the same command to resume from the last checkpoint" in capsys.readouterr().err
+
+
+def test_unwritable_out_dir_is_one_line(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    code = main([str(CONFIG["mocov2"]), f"data.root={tmp_path}", f"out_dir={tmp_path / 'a_file' / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot create the run directory")

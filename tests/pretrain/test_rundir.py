@@ -1,0 +1,48 @@
+"""What a new invocation does with a run directory: resume=PATH, --force and unusable out_dir are clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from pretrain import rundir
+from pretrain.backbones import build_resnet, trunk_state_dict
+from pretrain.checkpoint import make_meta, save_checkpoint
+
+CONFIG = {"method": "mocov2", "seed": 0, "out_dir": "somewhere", "train": {"epochs": 2}}
+
+
+def _last(path, config=CONFIG):
+    meta = make_meta(arch="resnet18", method="mocov2", config=config, epoch=1, finished=False)
+    save_checkpoint(path, trunk_state_dict(build_resnet("resnet18")), meta, training={"epoch": 1})
+    return path
+
+
+def test_resume_path_with_another_config_is_refused_naming_the_keys(tmp_path):
+    last = _last(tmp_path / "old" / "checkpoint_last.pth")
+    decision = rundir.decide(tmp_path / "new", {**CONFIG, "out_dir": "elsewhere"}, str(last), force=False)
+    assert decision.action == "resume" and decision.checkpoint == last  # runtime keys may differ
+    with pytest.raises(rundir.RunDirError, match=r"cannot resume from .*the config differs \(seed: 0 -> 5\)"):
+        rundir.decide(tmp_path / "new", {**CONFIG, "seed": 5}, str(last), force=False)
+
+
+def test_resume_path_that_is_not_a_suite_checkpoint_is_a_run_dir_error(tmp_path):
+    (tmp_path / "notes.pth").write_text("hello\n")
+    with pytest.raises(rundir.RunDirError, match="cannot resume from .*not a PyTorch checkpoint"):
+        rundir.decide(tmp_path / "new", CONFIG, str(tmp_path / "notes.pth"), force=False)
+
+
+def test_force_does_not_delete_the_checkpoint_it_is_asked_to_resume_from(tmp_path):
+    out = tmp_path / "run"
+    last = _last(out / rundir.LAST)
+    with pytest.raises(rundir.RunDirError, match="would delete resume="):
+        rundir.decide(out, CONFIG, str(last), force=True)
+    assert last.exists()
+
+
+def test_out_dir_that_is_a_file_or_cannot_be_created_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(rundir.RunDirError, match="is a file, not a directory"):
+        rundir.decide(blocker, CONFIG, "auto", force=False)
+    with pytest.raises(rundir.RunDirError, match="cannot create the run directory"):
+        rundir.decide(blocker / "run", CONFIG, "auto", force=False)
