@@ -148,15 +148,19 @@ def is_suite_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one of the suite's own checkpoints (use :mod:`transfer.convert` for third-party files)."""
+FOREIGN_HINT = "For third-party checkpoints use `python -m transfer.convert`."
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    foreign_hint: str = FOREIGN_HINT) -> dict[str, Any]:
+    """Load one of the suite's own checkpoints (use :mod:`transfer.convert` for third-party files).
+
+    ``foreign_hint`` ends the error for a file of another format (what the caller's user should do instead).
+    """
     obj = safe_torch_load(path, map_location)
     if not is_suite_checkpoint(obj):
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(
-            f"{path} is not a {FORMAT} checkpoint (format: {found!r}). For third-party checkpoints use "
-            "`python -m transfer.convert`."
-        )
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {found!r}). {foreign_hint}")
     for key in ("meta", "backbone"):
         if key not in obj:
             raise CheckpointError(f"{path} is missing its '{key}' entry; the file is incomplete")

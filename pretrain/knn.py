@@ -129,11 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             filter_spec = checkpoint["meta"].get("input_filter")
         trunk.eval()
         input_filter = InputFilter(filter_spec)
-        result = KnnMonitor(cfg, world).evaluate(lambda x: trunk(input_filter(x)))
+        monitor = KnnMonitor(cfg, world)
+        result = monitor.evaluate(lambda x: trunk(input_filter(x)))
     except (ConfigError, CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(" ".join(f"{k}={v:.2f}" for k, v in result.items()) + f" input_filter={input_filter.spec['name']}")
+    for name in sorted(monitor.skipped):
+        print(f"warning: unreadable image skipped (replaced by the next readable one): {name}", file=sys.stderr)
+    print(" ".join(f"{k}={v:.2f}" for k, v in result.items()) + f" skipped_images={len(monitor.skipped)}"
+          f" input_filter={input_filter.spec['name']}")
     return 0
 
 

@@ -108,7 +108,8 @@ def _check_writable(out_dir: Path) -> None:
 def _check_resumable(path: Path, config: dict[str, Any], what: str) -> None:
     """``resume=PATH`` continues a run only with a config that computes the same thing (as resume=auto)."""
     try:
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, foreign_hint="resume=... takes the checkpoint_last.pth of an "
+                                     "interrupted `python -m pretrain` run")
     except CheckpointError as err:  # a foreign, truncated or unsafe file
         raise RunDirError(f"{what}: {err}") from err
     if checkpoint.get("training") is None:

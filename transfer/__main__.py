@@ -1,7 +1,8 @@
 """``python -m transfer <command>``: small entry point for the suite's utility commands.
 
 Commands:
-  make-toy-data OUT [--seed N] [--scale S] [--force]   write the built-in toy world (every layout)
+  make-toy-data OUT [--seed N] [--scale S] [--classes K] [--force]
+                                                       write the built-in toy world (every layout)
   make-imagenet100 IMAGENET_DIR OUT [--copy] [--force] build ImageNet-100 from a full ImageNet folder
 
 Each task also has its own module: ``python -m transfer.convert``, ``python -m transfer.detection``,

@@ -72,7 +72,16 @@ def read_weights_file(path: str | os.PathLike) -> tuple[Any, list[str]]:
     if head.startswith(_LEGACY_TORCH_MAGIC):
         return _torch_load(path)
     _refuse_non_checkpoints(path, head)
-    return restricted_pickle_loads(path.read_bytes(), str(path)), []
+    try:
+        return restricted_pickle_loads(path.read_bytes(), str(path)), []
+    except CheckpointError as err:
+        if head.startswith(b"\x80") or not isinstance(err.__cause__, pickle.UnpicklingError):
+            raise  # a protocol 2+ pickle (what torch.save and detectron2 write) that is damaged or unsafe
+        # protocols 0-1 are text-like, so only a failed parse tells them apart from a text file
+        raise CheckpointError(
+            f"cannot read {path}: it is not a checkpoint (neither a torch.save file nor a pickle; it starts with "
+            f"{head[:16]!r}). Point to the .pth / .pth.tar / .pkl file that holds the weights."
+        ) from err
 
 
 def _torch_load(path: Path) -> tuple[Any, list[str]]:

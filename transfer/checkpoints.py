@@ -45,6 +45,7 @@ from pretrain.fileio import sha256_file
 from pretrain.filters import normalize_filter_spec
 from transfer.checkpoint_io import flatten_tensors, read_weights_file, to_tensor
 from transfer.d2names import is_bn_counter
+from transfer.inert_torch_load import Placeholder
 from transfer.safe_pickle import restricted_pickle_load
 from transfer.trunk_search import (
     FORMAT_HELP,
@@ -126,6 +127,12 @@ def load_backbone(path: str | os.PathLike, format: str = "auto", prefix: str | N
         raise CheckpointError(f"{path} is not one of the suite's checkpoints (no 'format': 'masked-ssl/v1'); "
                               "use --format auto")
     flat = flatten_tensors(obj)
+    if not flat.tensors and isinstance(obj, Placeholder):
+        raise CheckpointError(
+            f"{path} holds a pickled {obj.qualified_name} object (torch.save(model)), not a state_dict; its weights "
+            "cannot be read without rebuilding the object, which would run code from the file. Where the model's "
+            "code is trusted, re-save it with torch.save(model.state_dict(), PATH)"
+        )
     candidates = find_candidates(flat)
     if prefix is not None:
         chosen = resolve_prefix(flat, prefix)

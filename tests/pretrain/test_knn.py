@@ -73,3 +73,17 @@ def test_knn_random_baseline_sees_the_configs_input_filter_like_the_monitors_epo
         assert main([str(REPO / "configs" / "pretrain" / "toy" / f"{name}.yaml"), *common]) == 0
         filters[name] = capsys.readouterr().out.split("input_filter=")[1].strip()
     assert filters == {"mocov2": "none", "mocov2_hp": "highpass", "mocov2_mscn": "highpass", "mocov2_blur": "none"}
+
+
+def test_knn_command_names_and_counts_an_unreadable_image(tmp_path, capsys):
+    from pretrain.knn import main
+
+    root = make_image_folder(tmp_path / "data", {"a": 4, "b": 4}, size=36)
+    broken = sorted((root / "val" / "a").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    code = main([str(TOY_CONFIGS[0]), "--random", f"data.root={root}", "augment.image_size=32", "knn.k=3",
+                 "data.num_workers=0"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "skipped_images=1" in captured.out
+    assert str(broken) in captured.err and captured.err.count("unreadable image") == 1

@@ -31,6 +31,15 @@ def test_resume_path_that_is_not_a_suite_checkpoint_is_a_run_dir_error(tmp_path)
         rundir.decide(tmp_path / "new", CONFIG, str(tmp_path / "notes.pth"), force=False)
 
 
+def test_resume_path_of_a_foreign_torch_file_says_what_resume_takes(tmp_path):
+    import torch
+
+    torch.save(build_resnet("resnet18").state_dict(), tmp_path / "torchvision.pth")
+    with pytest.raises(rundir.RunDirError, match="checkpoint_last.pth of an interrupted") as caught:
+        rundir.decide(tmp_path / "run", CONFIG, str(tmp_path / "torchvision.pth"), force=False)
+    assert "transfer.convert" not in str(caught.value)  # converting would not make it resumable
+
+
 def test_force_does_not_delete_the_checkpoint_it_is_asked_to_resume_from(tmp_path):
     out = tmp_path / "run"
     last = _last(out / rundir.LAST)

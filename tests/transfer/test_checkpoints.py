@@ -277,8 +277,11 @@ def test_not_checkpoints(tmp_path):
     (tmp_path / "a_dir.pth").mkdir()
     scripted = torch.jit.script(torch.nn.Linear(2, 2))
     torch.jit.save(scripted, str(tmp_path / "scripted.pt"))
+    (tmp_path / "notes.pth").write_text("hello, these are my notes\n")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole_model.pth")
     cases = {"empty.pth": "empty", "page.pth": "HTML", "a_dir.pth": "directory", "missing.pth": "not found",
-             "scripted.pt": "TorchScript"}
+             "scripted.pt": "TorchScript", "notes.pth": r"not a checkpoint .*starts with b'hello",
+             "whole_model.pth": r"pickled torch\.nn\.modules\.linear\.Linear object .*state_dict\(\)"}
     for name, message in cases.items():
         with pytest.raises(CheckpointError, match=message):
             load_backbone(tmp_path / name)
