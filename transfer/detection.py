@@ -371,6 +371,10 @@ def plan_detection(task: str, weights: str | os.PathLike, *, data_root: str | os
         plan.mode, plan.eval_source = "evaluate", _evaluation_source(out, weights)
     else:
         plan.mode = _run_state(out, sha256_json(record_config), sha, resume, force)
+        if force and record_path.is_file():
+            # the run directory was just cleared: the old record would name a model_final.pth that is gone,
+            # and a forced run killed before it writes its own would otherwise be "skipped" next time
+            record_path.unlink()
     return plan, None
 
 
