@@ -155,3 +155,20 @@ def test_a_forced_rerun_killed_before_its_record_does_not_leave_the_old_one_to_b
     assert not record_path.exists() and not (out / "model_final.pth").exists()
     plan, existing = plan_detection("voc", weights, data_root=toy_world, config="micro", out=out, overrides=SHORT)
     assert existing is None and plan.mode == "train"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_killed_command_says_how_to_continue_in_one_line(monkeypatch, capsys, tmp_path, signum):
+    from transfer.detection import main
+
+    def killed_mid_run(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+        raise AssertionError("the signal did not stop the run")
+
+    monkeypatch.setattr("transfer.detection.run_detection", killed_mid_run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--task", "voc", "--weights", str(tmp_path / "w.pth")]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: no record written; rerun the same command with --resume")
+    assert signal.getsignal(signal.SIGTERM) == before
