@@ -162,6 +162,8 @@ def _evaluation_model(plan, cfg, trainer_cls):
 
 
 def _train_and_evaluate(plan, cfg) -> dict[str, Any]:
+    from detectron2.utils import comm
+
     from transfer.d2_training import DetectionTrainer, unwrap
     from transfer.verify import load_and_check
 
@@ -178,9 +180,12 @@ def _train_and_evaluate(plan, cfg) -> dict[str, Any]:
             checkpoint = trainer.checkpointer.get_checkpoint_file()
             trainer.resume_or_load(resume=True)
             info.update(resumed_from=Path(checkpoint).name, resumed_from_iteration=trainer.start_iter)
+            if comm.is_main_process():
+                print(f"resuming {plan.out} from {Path(checkpoint).name} (iteration {trainer.start_iter} of "
+                      f"{trainer.max_iter})", flush=True)
         else:
             check = load_and_check(unwrap(trainer.model), plan.weights_pkl)
-            info["weights_loaded"] = check["summary"]
+            info.update(weights_loaded=check["summary"], resumed_from=None, resumed_from_iteration=0)
         start = time.monotonic()
         if trainer.start_iter < trainer.max_iter:
             trainer.train()

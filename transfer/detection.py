@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -371,6 +372,10 @@ def plan_detection(task: str, weights: str | os.PathLike, *, data_root: str | os
         plan.mode, plan.eval_source = "evaluate", _evaluation_source(out, weights)
     else:
         plan.mode = _run_state(out, sha256_json(record_config), sha, resume, force)
+        if force and record_path.is_file():
+            # the run directory was just cleared: the old record would name a model_final.pth that is gone,
+            # and a forced run killed before it writes its own would otherwise be "skipped" next time
+            record_path.unlink()
     return plan, None
 
 
@@ -470,6 +475,25 @@ def main(argv: list[str] | None = None) -> int:
     from transfer.d2compat import silence_import_warnings
 
     silence_import_warnings()
+    previous = {signum: signal.signal(signum, _interrupt)  # a killed job says what was kept and how to go on
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted: no record written; rerun the same command with --resume to continue from the run "
+              "directory's last checkpoint (see its last_checkpoint), or with --force to start over",
+              file=sys.stderr)
+        return 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main(args: argparse.Namespace) -> int:
     from transfer.d2_datasets import DatasetLayoutError
 
     try:

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -398,17 +399,49 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: overrides must look like key=value, got {bad}", file=sys.stderr)
         return 2
+    previous = {signum: signal.signal(signum, _interrupt)  # a killed job says what was kept and how to go on
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(args)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _SIGNALLED.clear()
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         run_linear(args.dataset, args.weights, data_root=args.data_root, seed=args.seed, out=args.out,
                    config=args.config, overrides=args.overrides, name=args.name, preset=args.preset,
                    record=args.record, force=args.force, progress=not args.quiet, cache_dir=args.cache_dir)
+    except KeyboardInterrupt:
+        return _interrupted()
     except (LinearEvalError, DataLayoutError, CheckpointError, ValueError, FloatingPointError, OSError) as err:
+        if _SIGNALLED:  # e.g. "DataLoader worker is killed by signal": the signal, not the input, ended the run
+            return _interrupted()
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # e.g. ProbeStateError, BackboneChangedError
+        if _SIGNALLED:
+            return _interrupted()
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+_SIGNALLED: list[int] = []
+
+
+def _interrupt(signum, frame):
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    print("interrupted: no record written; rerun the same command to continue (the ImageNet-100 probe from "
+          "its last finished epoch in probe_last.pth, logistic regression from its cached features), "
+          "or add --force to start over", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -180,6 +180,9 @@ def train_linear_probe(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
+        if ctx.is_main:
+            print(f"resuming the linear probe from {state_path} (epoch {start_epoch} of {settings.epochs} done)",
+                  flush=True)
     model: nn.Module = fc
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(fc, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)

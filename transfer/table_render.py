@@ -62,6 +62,11 @@ def _cell_text(cell: pd.Series, row_max_n: int, fmt: str) -> str:
     return text
 
 
+def escape_markdown(text: str) -> str:
+    """A label safe inside a pipe-table cell: a ``|`` in a model name would otherwise split the row."""
+    return str(text).replace("|", "\\|")
+
+
 def _seeds_text(ns: pd.Series, fmt: str) -> str:
     present = ns[ns > 0]
     if present.empty:
@@ -72,7 +77,7 @@ def _seeds_text(ns: pd.Series, fmt: str) -> str:
 
 def _label_columns(table: Table, fmt: str) -> dict[str, pd.Series]:
     first = table.cells.drop_duplicates("row").set_index("row")
-    escape = escape_latex if fmt == "tex" else str
+    escape = escape_latex if fmt == "tex" else escape_markdown
     columns = {"Method": first["method"].map(escape)}
     if table.spec.branch_column:
         columns["Mask branch"] = first["mask_branch"].map(lambda b: escape(b) if b else MISSING[fmt])

@@ -137,3 +137,38 @@ def test_record_metrics_come_from_the_evaluator_dict():
     assert metrics["coco_segm_AP"] == 0.0 and len(notes) == 1 and "no detections" in notes[0]
     with pytest.raises(ValueError, match="segm"):
         record_metrics("coco_instance", {"bbox": coco["bbox"]})
+
+
+@pytest.mark.slow
+def test_a_forced_rerun_killed_before_its_record_does_not_leave_the_old_one_to_be_skipped(
+        toy_world, tmp_path, random_checkpoint_factory):
+    from transfer.detection import plan_detection
+
+    weights = random_checkpoint_factory()
+    out = tmp_path / "voc"
+    record = run_detection("voc", weights, data_root=toy_world, config="micro", out=out, overrides=SHORT,
+                           progress=False)
+    record_path = Path(record["extra"]["record_path"])
+    assert record["extra"]["resumed_from_iteration"] == 0  # a fresh run says so, like a resumed one
+    # what `--force` does before it trains: if it is killed now, the next plain run must not skip
+    plan_detection("voc", weights, data_root=toy_world, config="micro", out=out, overrides=SHORT, force=True)
+    assert not record_path.exists() and not (out / "model_final.pth").exists()
+    plan, existing = plan_detection("voc", weights, data_root=toy_world, config="micro", out=out, overrides=SHORT)
+    assert existing is None and plan.mode == "train"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_killed_command_says_how_to_continue_in_one_line(monkeypatch, capsys, tmp_path, signum):
+    from transfer.detection import main
+
+    def killed_mid_run(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+        raise AssertionError("the signal did not stop the run")
+
+    monkeypatch.setattr("transfer.detection.run_detection", killed_mid_run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--task", "voc", "--weights", str(tmp_path / "w.pth")]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: no record written; rerun the same command with --resume")
+    assert signal.getsignal(signal.SIGTERM) == before

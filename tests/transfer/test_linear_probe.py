@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,30 @@ def test_probe_under_torchrun_with_two_processes(moco_layout_checkpoint, toy_wor
     top1, top5 = evaluate(FrozenEncoder(backbone), fc, data.splits["val"], settings, normalization_of(backbone.meta),
                           DistContext(), num_workers=0, progress=False)
     assert (top1, top5) == pytest.approx((record["metrics"]["imagenet100_top1"], record["metrics"]["imagenet100_top5"]))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_killed_command_says_how_to_continue_in_one_line(monkeypatch, capsys, tmp_path, signum):
+    def killed_mid_run(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+        raise AssertionError("the signal did not stop the run")
+
+    monkeypatch.setattr("transfer.linear.run_linear", killed_mid_run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--dataset", "imagenet100", "--weights", str(tmp_path / "w.pth")]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: no record written; rerun the same command")
+    assert signal.getsignal(signal.SIGTERM) == before  # the Python API keeps the caller's handlers
+
+
+def test_a_resumed_probe_says_so(moco_layout_checkpoint, toy_world, tmp_path, capsys):
+    def stop_after_first_epoch(epoch, stats):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _probe(moco_layout_checkpoint, toy_world, tmp_path, on_epoch_end=stop_after_first_epoch)
+    capsys.readouterr()
+    _probe(moco_layout_checkpoint, toy_world, tmp_path)
+    assert f"resuming the linear probe from {tmp_path / PROBE_CHECKPOINT} (epoch 1 of" in capsys.readouterr().out

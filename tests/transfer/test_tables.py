@@ -648,3 +648,14 @@ def test_index_reports_ssl_rows_that_do_not_beat_random_init(tmp_path):
     assert "3 of 9 SSL cells of Table A are NOT above the Random init row" in section
     assert "mocov2 · + Ours (High-pass filtering) · caltech101_acc: 21.50 <= Random init 22.00" in section
     assert "torchvision" not in section and "SimCLR" not in section
+
+
+def test_a_pipe_in_a_model_name_does_not_split_the_markdown_row(tmp_path, monkeypatch):
+    monkeypatch.setitem(MODELS, "piped", {"base": "external", "name": "ours|v2"})
+    linear(tmp_path, "moco", [60.0])
+    linear(tmp_path, "piped", [50.0])
+    assert run(tmp_path) == 0
+    text = (tmp_path / "tables" / "table_A.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({len(re.findall(r"(?<!\\)\|", line)) for line in lines}) == 1, text
+    assert any("ours\\|v2" in line for line in lines)
