@@ -55,6 +55,15 @@ def _resume_hint(cfg) -> str:
     return "nothing was checkpointed yet; rerunning the same command starts the run again"
 
 
+def _stop(message: str, status: int, cfg) -> int:
+    print(message, file=sys.stderr)
+    if cfg is not None:
+        from pretrain.engine import note_in_log_file
+
+        note_in_log_file(str(cfg.out_dir), message)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pretrain.engine import TrainingError
@@ -74,15 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
         final = train(cfg, force=args.force)
     except (ConfigError, DataError, RunDirError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _stop(f"error: {err}", 2, cfg)
     except (TrainingError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _stop(f"error: {err}", 1, cfg)
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"{what}: {_resume_hint(cfg)}", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return _stop(f"{what}: {_resume_hint(cfg)}", 143 if isinstance(err, Terminated) else 130, cfg)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     print(final)

@@ -75,6 +75,17 @@ def _setup_logging(out_dir: Path, world: distributed.World) -> None:
         log.addHandler(to_file)
 
 
+def note_in_log_file(out_dir: str | os.PathLike, message: str) -> None:
+    """Append why the run stopped to ``out_dir``'s log.txt if this process opened it (the console already
+    shows the message): the log then tells the whole story of a run, including an error or an interruption."""
+    log_file = os.path.abspath(Path(out_dir) / rundir.LOG)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_file:
+            handler.handle(record)
+            handler.flush()
+
+
 def _broadcast_object(obj: Any) -> Any:
     if not distributed.is_distributed():
         return obj

@@ -45,3 +45,15 @@ def test_unwritable_out_dir_is_one_line(capsys, tmp_path):
     code = main([str(CONFIG["mocov2"]), f"data.root={tmp_path}", f"out_dir={tmp_path / 'a_file' / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot create the run directory")
+
+
+def test_why_a_run_stopped_is_also_in_its_log_file(capsys, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([str(CONFIG["mocov2"]), f"data.root={tmp_path / 'nope'}", f"out_dir={first}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data directory not found")
+    assert err.strip() in (first / "log.txt").read_text()  # the run directory says why it holds no run
+    # another run's failure goes to its own log only, never to a log this process opened before
+    assert main([str(CONFIG["mocov2"]), f"data.root={tmp_path / 'nope2'}", f"out_dir={second}"]) == 2
+    assert "nope2" not in (first / "log.txt").read_text()
+    assert "nope2" in (second / "log.txt").read_text()
