@@ -82,8 +82,7 @@ def note_in_log_file(out_dir: str | os.PathLike, message: str) -> None:
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
     for handler in log.handlers:
         if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_file:
-            handler.handle(record)
-            handler.flush()
+            handler.handle(record)  # FileHandler flushes every record
 
 
 def _broadcast_object(obj: Any) -> Any:
