@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     progress = Progress(config.preset, len(plan), jobs=config.jobs)
     forced = forced_cells(plan, config, selection) if args.force else set()
-    runner = Runner(plan, ws, progress, jobs=config.jobs, threads=args.threads, forced=forced)
+    runner = Runner(plan, ws, progress, jobs=config.jobs, threads=args.threads, forced=forced, env=config.env)
     if args.dry_run:
         print_plan(plan, ws, runner)
         return EXIT_OK

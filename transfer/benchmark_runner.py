@@ -70,8 +70,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
-def cell_environment(threads: int) -> dict[str, str]:
+def cell_environment(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a cell's process: ``threads`` per cell, the repository importable, and the preset's
+    ``machine.env`` (a variable the user already set keeps the user's value)."""
     env = dict(os.environ)
+    for name, value in (extra or {}).items():
+        env.setdefault(name, value)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                  "VECLIB_MAXIMUM_THREADS"):
         env[name] = str(threads)
@@ -84,8 +88,9 @@ def cell_environment(threads: int) -> dict[str, str]:
 
 class Runner:
     def __init__(self, plan: Plan, ws: Workspace, progress: Progress, jobs: int = 1, threads: int | None = None,
-                 forced: set[str] | None = None):
+                 forced: set[str] | None = None, env: dict[str, str] | None = None):
         self.plan, self.ws, self.progress = plan, ws, progress
+        self.env = dict(env or {})
         self.jobs = max(1, jobs)
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.jobs)
         self.forced = forced or set()  # cell ids to rerun even when done (--force)
@@ -252,7 +257,7 @@ class Runner:
                      f"{subprocess.list2cmdline(command)}\n")
         handle.flush()
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=cell_environment(self.threads), start_new_session=True,
+                                   env=cell_environment(self.threads, self.env), start_new_session=True,
                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         timeout = self._timeout(cell)
         now = time.monotonic()

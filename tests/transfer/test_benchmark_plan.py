@@ -95,7 +95,7 @@ def test_a_selection_of_no_cell_is_refused_naming_what_the_methods_run():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("machine.job=4", "unknown key 'machine.job'; machine takes: jobs, gpus"),
+    ("machine.job=4", "unknown key 'machine.job'; machine takes: jobs, gpus, env"),
     ("seed=[1]", "unknown key 'seed'"),
     ("tasks.voc.arg=[x]", "unknown key 'tasks.voc.arg'"),
     ("methods.random.sorce=external", "unknown key 'methods.random.sorce'"),
@@ -103,6 +103,20 @@ def test_a_selection_of_no_cell_is_refused_naming_what_the_methods_run():
 def test_a_misspelt_key_is_an_error_not_ignored(override, message):
     with pytest.raises(BenchmarkConfigError, match=message):
         preset("toy", override)
+
+
+def test_machine_env_reaches_every_cell_but_the_users_own_setting_wins(monkeypatch):
+    from transfer.benchmark_runner import cell_environment
+
+    config = preset("toy")
+    assert config.env == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    env = cell_environment(1, config.env)
+    assert env["MALLOC_MMAP_MAX_"] == "0" and env["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert env["OMP_NUM_THREADS"] == "1"
+    with pytest.raises(BenchmarkConfigError, match="machine.env must map environment variable names"):
+        preset("toy", "machine.env={FOO: [1, 2]}")
 
 
 def test_a_misspelt_key_in_the_file_is_an_error(tmp_path):
