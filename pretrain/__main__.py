@@ -8,20 +8,21 @@ Runs on one process or under torchrun (one or several nodes):
 
 The run directory (out_dir, default runs/pretrain/<config name>) receives config.yaml, checkpoint_last.pth
 (for resume=auto), final.pth (what transfer tasks take), metrics.jsonl, log.txt, tb/ and pictures/.
-Rerunning an interrupted run continues it exactly; a finished run is left alone unless --force.
+SIGTERM or Ctrl-C finishes the step in progress, checkpoints it and stops (a second one stops at once);
+rerunning an interrupted run continues it exactly; a finished run is left alone unless --force.
 See docs/pretraining.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.data import DataError
 from pretrain.rundir import RunDirError
+from pretrain.stop_request import STOP, Terminated
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,14 +35,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="overwrite the run directory even if it holds a finished or unfinished run")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_intermixed_args(argv)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's preemption, ``kill``, torchrun stopping its workers), handled like Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
 
 
 def _resume_hint(cfg) -> str:
@@ -66,11 +59,17 @@ def _stop(message: str, status: int, cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM and Ctrl-C during training: the step in progress is finished and checkpointed, then the run
+    # stops (pretrain.stop_request); a second one, or one before training, unwinds at once (a checkpoint
+    # being written is discarded). Either way the log and TensorBoard files are closed, and the message
+    # says how to resume.
+    with STOP.installed():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pretrain.engine import TrainingError
 
-    # SIGTERM unwinds like Ctrl-C: a checkpoint being written is discarded (its temporary file removed),
-    # the log and TensorBoard files are closed, and the message says how to resume.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
@@ -89,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         return _stop(f"{what}: {_resume_hint(cfg)}", 143 if isinstance(err, Terminated) else 130, cfg)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     print(final)
     return 0
 

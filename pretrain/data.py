@@ -24,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from pretrain.stop_request import ignore_in_worker
+
 LAYOUT_HINT = "expected ROOT/<split>/<class>/<image> (ImageNet layout, e.g. imagenet100/train/n01749939/x.JPEG)"
 # DecompressionBombError: a header claiming > 2 x Image.MAX_IMAGE_PIXELS (a corrupt or hostile file)
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -184,6 +186,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 def worker_init(worker_id: int) -> None:
     # One intra-op thread per data worker: the training process needs the cores.
     torch.set_num_threads(1)
+    ignore_in_worker()
 
 
 def collate_samples(samples: list[Sample]) -> dict[str, Any]:

@@ -111,6 +111,15 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, packed.tolist()))
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on at least one (one scalar collective)."""
+    if not is_distributed():
+        return flag
+    packed = torch.tensor([int(flag)], device=device, dtype=torch.long)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return bool(packed.item())
+
+
 def all_reduce_sum_int(value: int, device: torch.device) -> int:
     if not is_distributed():
         return value

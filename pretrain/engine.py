@@ -41,6 +41,7 @@ from pretrain.knn import KnnMonitor
 from pretrain.methods import METHODS
 from pretrain.provenance import device_description
 from pretrain.stepping import StepRunner, amp_dtype
+from pretrain.stop_request import STOP
 from pretrain.timing import NULL_TIMER, PhaseTimer
 from pretrain.visualize import write_picture
 
@@ -322,6 +323,10 @@ class Trainer:
                 self.writer.add_scalar(f"train/lr_{name}" if len(lrs) > 1 else "train/lr", lr, self.runner.global_step)
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{values.get('contrastive_acc', 0):.0f}", refresh=False)
 
+    def _stop_requested(self) -> bool:
+        """SIGTERM / Ctrl-C seen by any process (pretrain.stop_request); every process takes part."""
+        return distributed.any_process(STOP.requested, self.device)
+
     def _checkpoint_due(self) -> bool:
         ckpt = self.cfg.checkpoint
         due = bool(ckpt.every_steps) and self.runner.global_step % int(ckpt.every_steps) == 0
@@ -373,6 +378,13 @@ class Trainer:
                     self.save_last()
                 if self.step_hook is not None:
                     self.step_hook(self)
+                # the last step of an epoch stops after the epoch's own checkpoint (run), with its metrics
+                if self.step_in_epoch < self.steps_per_epoch and self._stop_requested():
+                    self.elapsed += time.monotonic() - start
+                    self.save_last()
+                    log.info(f"stopped on request at epoch {self.epoch + 1}, step {self.step_in_epoch}/"
+                             f"{self.steps_per_epoch}: {self.out_dir / rundir.LAST} holds that step")
+                    raise STOP.exception()
         finally:
             bar.close()  # also when interrupted: the message then starts on a clean line
         seconds = time.monotonic() - start
@@ -419,29 +431,37 @@ class Trainer:
             self._record_epoch(row)
             self._picture()
         try:
-            while self.epoch < int(cfg.train.epochs):
-                means = self._train_epoch()
-                self.epoch += 1
-                self.step_in_epoch = 0
-                row = {"epoch": self.epoch, "global_step": self.runner.global_step, **means,
-                       "skipped_images": len(self.skipped), "elapsed_s": round(self.elapsed, 1)}
-                if cfg.knn.enabled and (self.epoch % int(cfg.knn.every_epochs) == 0 or self.epoch == cfg.train.epochs):
-                    row.update(self._knn())
-                if self.epoch % int(cfg.visualize.every_epochs) == 0 or self.epoch == cfg.train.epochs:
-                    self._picture()
-                self._record_epoch(row)
-                log.info(f"epoch {self.epoch}/{cfg.train.epochs}: {self._format(row)}")
-                self.save_last()
-            final = self.out_dir / rundir.FINAL
-            if world.is_main:
-                save_checkpoint(final, trunk_state_dict(self.method.backbone()), self.meta(finished=True))
-                log.info(f"finished: {final} ({self.elapsed / 60:.1f} min of training"
-                         f"{f', {len(self.skipped)} unreadable image(s) skipped' if self.skipped else ''})")
-            distributed.barrier()
-            return final
+            with STOP.armed():
+                return self._train_epochs()
         finally:
             if world.is_main:
                 self.writer.close()
+
+    def _train_epochs(self) -> Path:
+        cfg, world = self.cfg, self.world
+        while self.epoch < int(cfg.train.epochs):
+            means = self._train_epoch()
+            self.epoch += 1
+            self.step_in_epoch = 0
+            row = {"epoch": self.epoch, "global_step": self.runner.global_step, **means,
+                   "skipped_images": len(self.skipped), "elapsed_s": round(self.elapsed, 1)}
+            if cfg.knn.enabled and (self.epoch % int(cfg.knn.every_epochs) == 0 or self.epoch == cfg.train.epochs):
+                row.update(self._knn())
+            if self.epoch % int(cfg.visualize.every_epochs) == 0 or self.epoch == cfg.train.epochs:
+                self._picture()
+            self._record_epoch(row)
+            log.info(f"epoch {self.epoch}/{cfg.train.epochs}: {self._format(row)}")
+            self.save_last()
+            if self.epoch < int(cfg.train.epochs) and self._stop_requested():
+                log.info(f"stopped on request after epoch {self.epoch}: {self.out_dir / rundir.LAST} holds it")
+                raise STOP.exception()
+        final = self.out_dir / rundir.FINAL
+        if world.is_main:
+            save_checkpoint(final, trunk_state_dict(self.method.backbone()), self.meta(finished=True))
+            log.info(f"finished: {final} ({self.elapsed / 60:.1f} min of training"
+                     f"{f', {len(self.skipped)} unreadable image(s) skipped' if self.skipped else ''})")
+        distributed.barrier()
+        return final
 
     def _log_start(self, resumed: bool) -> None:
         cfg, world = self.cfg, self.world

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from pretrain import distributed
 from pretrain.augment import EvalTransform, normalize
-from pretrain.data import ImageFolderDataset, balanced_subset, collate_samples
+from pretrain.data import ImageFolderDataset, balanced_subset, collate_samples, worker_init
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -80,7 +80,8 @@ class KnnMonitor:
         per_rank = -(-len(dataset) // world.world_size)
         indices = [min(i, len(dataset) - 1) for i in range(world.rank * per_rank, (world.rank + 1) * per_rank)]
         loader = DataLoader(Subset(dataset, indices), batch_size=int(self.cfg.knn.batch_size), shuffle=False,
-                            num_workers=min(int(self.cfg.data.num_workers), 4), collate_fn=collate_samples)
+                            num_workers=min(int(self.cfg.data.num_workers), 4), collate_fn=collate_samples,
+                            worker_init_fn=worker_init)
         features, labels = [], []
         for raw in loader:
             self.skipped.update(raw["skipped"])
