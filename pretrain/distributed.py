@@ -111,13 +111,13 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, packed.tolist()))
 
 
-def any_process(flag: bool, device: torch.device) -> bool:
-    """True on every process when ``flag`` is true on at least one (one scalar collective)."""
+def any_process(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every process when it is true on at least one (one collective for all)."""
     if not is_distributed():
-        return flag
-    packed = torch.tensor([int(flag)], device=device, dtype=torch.long)
+        return list(flags)
+    packed = torch.tensor([int(f) for f in flags], device=device, dtype=torch.long)
     dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-    return bool(packed.item())
+    return [bool(v) for v in packed.tolist()]
 
 
 def all_reduce_sum_int(value: int, device: torch.device) -> int:

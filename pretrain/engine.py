@@ -325,15 +325,15 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """SIGTERM / Ctrl-C seen by any process (pretrain.stop_request); every process takes part."""
-        return distributed.any_process(STOP.requested, self.device)
+        return distributed.any_process([STOP.requested], self.device)[0]
 
-    def _checkpoint_due(self) -> bool:
+    def _save_point(self) -> tuple[bool, bool]:
+        """(checkpoint now, then stop) after a step; every process takes part in one collective and agrees."""
         ckpt = self.cfg.checkpoint
         due = bool(ckpt.every_steps) and self.runner.global_step % int(ckpt.every_steps) == 0
-        if ckpt.every_minutes:
-            due = due or (time.monotonic() - self._last_save) >= 60 * float(ckpt.every_minutes)
-            due = bool(_broadcast_object(due))  # every process must take part in the same save
-        return due
+        timed = bool(ckpt.every_minutes) and (time.monotonic() - self._last_save) >= 60 * float(ckpt.every_minutes)
+        timed, stop = distributed.any_process([timed, STOP.requested], self.device)
+        return due or timed or stop, stop
 
     def _train_epoch(self) -> dict[str, float]:
         cfg = self.cfg
@@ -372,19 +372,19 @@ class Trainer:
                         epoch_sums[key] = epoch_sums.get(key, 0.0) + float(value)
                     epoch_count += count
                     sums, count = {}, 0
-                if self._checkpoint_due() and self.step_in_epoch < self.steps_per_epoch:
-                    self.elapsed += time.monotonic() - start
-                    start = time.monotonic()
-                    self.save_last()
                 if self.step_hook is not None:
                     self.step_hook(self)
-                # the last step of an epoch stops after the epoch's own checkpoint (run), with its metrics
-                if self.step_in_epoch < self.steps_per_epoch and self._stop_requested():
-                    self.elapsed += time.monotonic() - start
-                    self.save_last()
-                    log.info(f"stopped on request at epoch {self.epoch + 1}, step {self.step_in_epoch}/"
-                             f"{self.steps_per_epoch}: {self.out_dir / rundir.LAST} holds that step")
-                    raise STOP.exception()
+                # an epoch's last step is saved (and stopped after) with the epoch's metrics, in _train_epochs
+                if self.step_in_epoch < self.steps_per_epoch:
+                    save, stop = self._save_point()
+                    if save:
+                        self.elapsed += time.monotonic() - start
+                        start = time.monotonic()
+                        self.save_last()
+                    if stop:
+                        log.info(f"stopped on request at epoch {self.epoch + 1}, step {self.step_in_epoch}/"
+                                 f"{self.steps_per_epoch}: {self.out_dir / rundir.LAST} holds that step")
+                        raise STOP.exception()
         finally:
             bar.close()  # also when interrupted: the message then starts on a clean line
         seconds = time.monotonic() - start
