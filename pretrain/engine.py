@@ -372,8 +372,6 @@ class Trainer:
                         epoch_sums[key] = epoch_sums.get(key, 0.0) + float(value)
                     epoch_count += count
                     sums, count = {}, 0
-                if self.step_hook is not None:
-                    self.step_hook(self)
                 # an epoch's last step is saved (and stopped after) with the epoch's metrics, in _train_epochs
                 if self.step_in_epoch < self.steps_per_epoch:
                     save, stop = self._save_point()
@@ -385,6 +383,8 @@ class Trainer:
                         log.info(f"stopped on request at epoch {self.epoch + 1}, step {self.step_in_epoch}/"
                                  f"{self.steps_per_epoch}: {self.out_dir / rundir.LAST} holds that step")
                         raise STOP.exception()
+                if self.step_hook is not None:
+                    self.step_hook(self)
         finally:
             bar.close()  # also when interrupted: the message then starts on a clean line
         seconds = time.monotonic() - start

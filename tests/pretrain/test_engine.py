@@ -201,11 +201,11 @@ def test_frozen_saliency_source_trains_and_is_recorded(toy_root, tmp_path, rando
 def test_every_minutes_checkpoints_mid_epoch(toy_root, tmp_path):
     extra = {"train.epochs": 1, "data.limit_train_images": 32, "checkpoint.every_minutes": 1e-9}
 
-    def crash_at_step_3(trainer):  # the hook runs before the step's checkpoint: the last one is after step 2
+    def crash_at_step_3(trainer):  # the hook runs after the step's checkpoint
         if trainer.runner.global_step == 3:
             raise Interrupt
 
     with pytest.raises(Interrupt):
         train(_cfg("mocov2", toy_root, tmp_path / "run", **extra), step_hook=crash_at_step_3)
     meta = load_checkpoint(tmp_path / "run" / "checkpoint_last.pth")["meta"]
-    assert (meta["epoch"], meta["step_in_epoch"]) == (0, 2)
+    assert (meta["epoch"], meta["step_in_epoch"]) == (0, 3)

@@ -31,6 +31,7 @@ def _cfg(data_root, out_dir):
 
 
 def _signal_at(global_step: int, signum: int, times: int = 1):
+    """Send the signal(s) from the step hook, which runs after a step's save point: the next step sees it."""
     def hook(trainer):
         if trainer.runner.global_step == global_step:
             for _ in range(times):
@@ -42,10 +43,10 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_the_rerun_ends_where_an_unb
         toy_root, tmp_path, capsys):
     reference = train(_cfg(toy_root, tmp_path / "a"))
     with STOP.installed(), pytest.raises(Terminated):
-        train(_cfg(toy_root, tmp_path / "b"), step_hook=_signal_at(6, signal.SIGTERM))
+        train(_cfg(toy_root, tmp_path / "b"), step_hook=_signal_at(5, signal.SIGTERM))
     assert "SIGTERM: stopping after the current step" in capsys.readouterr().err
     meta = load_checkpoint(tmp_path / "b" / "checkpoint_last.pth")["meta"]
-    # step 6 = epoch 2, step 2 of 4: without the request the last checkpoint would be the end of epoch 1
+    # seen after step 6 = epoch 2, step 2 of 4: without the request the last checkpoint would be the end of epoch 1
     assert (meta["epoch"], meta["step_in_epoch"], meta["finished"]) == (1, 2, False)
     assert "stopped on request at epoch 2, step 2/4" in (tmp_path / "b" / "log.txt").read_text()
     resumed = train(_cfg(toy_root, tmp_path / "b"))
@@ -55,7 +56,7 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_the_rerun_ends_where_an_unb
 
 def test_ctrl_c_mid_epoch_also_checkpoints_that_step(toy_root, tmp_path, capsys):
     with STOP.installed(), pytest.raises(KeyboardInterrupt) as stopped:
-        train(_cfg(toy_root, tmp_path / "run"), step_hook=_signal_at(2, signal.SIGINT))
+        train(_cfg(toy_root, tmp_path / "run"), step_hook=_signal_at(1, signal.SIGINT))
     assert not isinstance(stopped.value, Terminated)  # python -m pretrain: exit status 130, not 143
     assert "Ctrl-C: stopping after the current step" in capsys.readouterr().err
     meta = load_checkpoint(tmp_path / "run" / "checkpoint_last.pth")["meta"]
