@@ -20,21 +20,29 @@ import sys
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, load_config
-from pretrain.data import DataError
+from pretrain.data import DataError, without_worker_traceback
 from pretrain.rundir import RunDirError
 from pretrain.stop_request import STOP, Terminated
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                     usage="%(prog)s [-h] [--force] [--print-config] CONFIG.yaml "
+                                           "[key=value ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config, e.g. configs/pretrain/toy/mocov2_hp.yaml")
+    # nargs="?" and the check below: with a required positional before a nargs="*" one, argparse's error
+    # says "the following arguments are required: config, key=value", though overrides are optional.
+    parser.add_argument("config", nargs="?", help="YAML config, e.g. configs/pretrain/toy/mocov2_hp.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides in dotted form, e.g. train.epochs=10 data.batch_size=64")
     parser.add_argument("--force", action="store_true",
                         help="overwrite the run directory even if it holds a finished or unfinished run")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.config is None:
+        parser.error("no config file given: python -m pretrain CONFIG.yaml [key=value ...], "
+                     "e.g. configs/pretrain/toy/mocov2_hp.yaml data.root=DIR")
+    return args
 
 
 def _resume_hint(cfg) -> str:
@@ -81,10 +89,12 @@ def _run(args: argparse.Namespace) -> int:
         from pretrain.engine import train
 
         final = train(cfg, force=args.force)
+    # An error raised in a DataLoader worker (a split whose images cannot be read, an I/O error) comes back
+    # with the worker's traceback in its message: print only the message the worker raised.
     except (ConfigError, DataError, RunDirError, CheckpointError, ValueError) as err:
-        return _stop(f"error: {err}", 2, cfg)
+        return _stop(f"error: {without_worker_traceback(err)}", 2, cfg)
     except (TrainingError, OSError) as err:
-        return _stop(f"error: {err}", 1, cfg)
+        return _stop(f"error: {without_worker_traceback(err)}", 1, cfg)
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         return _stop(f"{what}: {_resume_hint(cfg)}", 143 if isinstance(err, Terminated) else 130, cfg)

@@ -95,20 +95,32 @@ def save_checkpoint(
     atomic_torch_save(payload, path)
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with one clear error per way a file can be wrong."""
+DAMAGED_HINT = "Re-download or re-save it."
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    damaged_hint: str = DAMAGED_HINT) -> Any:
+    """``torch.load(weights_only=True)`` with one clear error per way a file can be wrong.
+
+    ``damaged_hint`` ends the error for an empty or truncated file: what the caller's user should do (a run
+    directory's own checkpoint cannot be re-downloaded).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}; was the run killed while saving?")
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path} (was the run killed while saving?). "
+                              f"{damaged_hint}")
     if not _looks_like_torch_save(path):  # a text file, an image, ...: torch would misread it as a pickle
         raise CheckpointError(
             f"cannot read {path}: it is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
             f"pickle; it starts with {_head(path)!r}). Point to the .pth file that torch.save wrote."
         )
+    damaged = _damaged_zip_member(path)
+    if damaged:
+        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({damaged}). {damaged_hint}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -121,7 +133,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as err:
         raise CheckpointError(
             f"cannot read {path}: the file is truncated or corrupt, or not a PyTorch checkpoint "
-            f"({_first_line(err)}). Re-download or re-save it."
+            f"({_first_line(err)}). {damaged_hint}"
         ) from err
 
 
@@ -139,6 +151,23 @@ def _looks_like_torch_save(path: Path) -> bool:
     return _head(path).startswith((_ZIP_MAGIC, _PICKLE_PROTO))
 
 
+def _damaged_zip_member(path: Path) -> str | None:
+    """Why a ``torch.save`` zip archive fails its CRC check, or ``None`` (also for a legacy pickle stream).
+
+    Needed because torch's zip reader does not verify checksums: a file with bytes overwritten inside a
+    tensor (bad disk, interrupted copy over an existing file) would otherwise load silently with wrong weights.
+    Reading the file once more costs about as much as loading it.
+    """
+    if not _head(path).startswith(_ZIP_MAGIC):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return _first_line(err)
+    return f"checksum mismatch in {bad}" if bad else None
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:300] if text else type(err).__name__
@@ -152,12 +181,13 @@ FOREIGN_HINT = "For third-party checkpoints use `python -m transfer.convert`."
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    foreign_hint: str = FOREIGN_HINT) -> dict[str, Any]:
+                    foreign_hint: str = FOREIGN_HINT, damaged_hint: str = DAMAGED_HINT) -> dict[str, Any]:
     """Load one of the suite's own checkpoints (use :mod:`transfer.convert` for third-party files).
 
-    ``foreign_hint`` ends the error for a file of another format (what the caller's user should do instead).
+    ``foreign_hint`` ends the error for a file of another format (what the caller's user should do instead),
+    ``damaged_hint`` the one for an empty or truncated file (see :func:`safe_torch_load`).
     """
-    obj = safe_torch_load(path, map_location)
+    obj = safe_torch_load(path, map_location, damaged_hint)
     if not is_suite_checkpoint(obj):
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {found!r}). {foreign_hint}")

@@ -35,12 +35,31 @@ class DataError(ValueError):
     """The dataset directory is missing or does not have the expected layout."""
 
 
+def without_worker_traceback(err: BaseException) -> str:
+    """``str(err)``, minus the worker's traceback that DataLoader writes into the message of an exception
+    it re-raises from a worker process (e.g. a DataError of an unreadable split), so the command line
+    still shows the one-line message the worker raised."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "DataLoader worker" in text and "Original Traceback" in text):
+        return text
+    # The traceback ends with "module.ExceptionName: message" (builtins without the module).
+    for line in reversed(text.splitlines()):
+        head, sep, message = line.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == type(err).__name__:
+            return message
+    return text
+
+
 def find_images(root: str | Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted folder names) and (path, class index) samples of ``root/split``."""
     root = Path(root)
+    if root.exists() and not root.is_dir():  # not "not found": the path is there, but is a file
+        raise DataError(f"data.root={root} is a file, not a directory: set data.root=DIR ({LAYOUT_HINT})")
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}; set data.root=DIR ({LAYOUT_HINT})")
     split_dir = root / split
+    if split_dir.exists() and not split_dir.is_dir():
+        raise DataError(f"{split_dir} is a file, not a split directory; {LAYOUT_HINT}")
     if not split_dir.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise DataError(f"split directory not found: {split_dir} (found: {found or 'nothing'}); {LAYOUT_HINT}")

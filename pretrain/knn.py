@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader, Subset
 
 from pretrain import distributed
 from pretrain.augment import EvalTransform, normalize
-from pretrain.data import ImageFolderDataset, balanced_subset, collate_samples, worker_init
+from pretrain.data import (
+    DataError,
+    ImageFolderDataset,
+    balanced_subset,
+    collate_samples,
+    without_worker_traceback,
+    worker_init,
+)
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,8 +71,14 @@ class KnnMonitor:
         bank = ImageFolderDataset(cfg.data.root, cfg.data.train_split, transform, seed=int(cfg.seed))
         queries = ImageFolderDataset(cfg.data.root, cfg.data.val_split, transform, seed=int(cfg.seed))
         if bank.classes != queries.classes:
-            raise ValueError(f"the classes of {cfg.data.train_split} and {cfg.data.val_split} differ; "
-                             "the kNN monitor needs the same class folders in both splits")
+            # name the folders, not just "differ": with 100 classes the user cannot spot them otherwise
+            train, val = cfg.data.train_split, cfg.data.val_split
+            only_train = sorted(set(bank.classes) - set(queries.classes))
+            only_val = sorted(set(queries.classes) - set(bank.classes))
+            raise DataError(f"the class folders of {train} and {val} differ (only in {train}: "
+                            f"{only_train[:5] or 'none'}; only in {val}: {only_val[:5] or 'none'}): the kNN "
+                            "monitor needs the same class folders in both splits; fix the folders, or pass "
+                            "knn.enabled=false")
         if cfg.knn.bank_per_class:
             bank.samples = balanced_subset(bank.samples, int(cfg.knn.bank_per_class) * len(bank.classes),
                                            int(cfg.seed))
@@ -133,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         monitor = KnnMonitor(cfg, world)
         result = monitor.evaluate(lambda x: trunk(input_filter(x)))
     except (ConfigError, CheckpointError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {without_worker_traceback(err)}", file=sys.stderr)  # a worker's error: its message
         return 2
     for name in sorted(monitor.skipped):
         print(f"warning: unreadable image skipped (replaced by the next readable one): {name}", file=sys.stderr)

@@ -122,11 +122,14 @@ def _check_resumable(path: Path, config: dict[str, Any], what: str) -> None:
 
 
 def _meta(path: Path) -> dict[str, Any]:
+    # The fix for the run directory's own damaged or foreign checkpoint (not checkpoint.py's "re-download it"
+    # or "convert it"): nothing else holds that state, so the run can only start again.
+    fix = (f"The run directory's checkpoint is damaged or not one `python -m pretrain` wrote: move "
+           f"{path.name} out of {path.parent} (the run then starts again) or pass --force")
     try:
-        return load_checkpoint(path)["meta"]
+        return load_checkpoint(path, foreign_hint=fix, damaged_hint=fix)["meta"]
     except CheckpointError as err:
-        raise RunDirError(f"{str(err).rstrip('.')}. The run directory's checkpoint is damaged: remove it or pass "
-                          "--force") from err
+        raise RunDirError(str(err)) from err
 
 
 def clear(out_dir: Path) -> None:

@@ -41,3 +41,26 @@ def test_written_checkpoint_gets_the_usual_permissions_not_mkstemps_0600(tmp_pat
         assert stat.S_IMODE(path.stat().st_mode) == 0o640
     finally:
         os.umask(umask)
+
+
+def test_bytes_overwritten_inside_a_tensor_are_refused_not_loaded_silently(tmp_path):
+    """torch's zip reader skips CRCs; a checkpoint damaged in place (bad disk, copy over an old file) must not
+    load with wrong weights."""
+    path = tmp_path / "damaged.pth"
+    save_checkpoint(path, trunk_state_dict(build_resnet("resnet18")), make_meta(arch="resnet18", method="random"))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # inside the largest tensors, far from the zip directory at the end
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt \(checksum mismatch in .*\)\. Re-download"):
+        safe_torch_load(path)
+    with pytest.raises(CheckpointError, match="move it out"):
+        safe_torch_load(path, damaged_hint="move it out")
+
+
+def test_undamaged_checkpoint_still_loads_after_the_checksum_check(tmp_path):
+    path = tmp_path / "ok.pth"
+    trunk = trunk_state_dict(build_resnet("resnet18"))
+    save_checkpoint(path, trunk, make_meta(arch="resnet18", method="random"))
+    loaded = safe_torch_load(path)
+    assert torch.equal(loaded["backbone"]["layer4.1.conv2.weight"], trunk["layer4.1.conv2.weight"])

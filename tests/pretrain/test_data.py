@@ -76,3 +76,33 @@ def test_sampler_resumes_mid_epoch_and_partitions_processes():
     assert len(seen) == len(set(seen)) == 18
     with pytest.raises(DataError, match="fewer than one global batch"):
         ResumableSampler(5, batch_size=3, world_size=2)
+
+
+def test_data_root_or_split_that_is_a_file_is_named_as_a_file_not_as_missing(tmp_path):
+    (tmp_path / "root_file").write_text("x")
+    with pytest.raises(DataError, match=r"data.root=.*root_file is a file, not a directory") as caught:
+        find_images(tmp_path / "root_file", "train")
+    assert "not found" not in str(caught.value)  # the path is there: "not found" would send the user looking
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train").write_text("x")
+    with pytest.raises(DataError, match=r"data/train is a file, not a split directory"):
+        find_images(tmp_path / "data", "train")
+
+
+def test_a_data_error_raised_in_a_loader_worker_keeps_its_one_line_message(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import without_worker_traceback
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "train" / "a" / f"img_{i}.jpg").write_text("not an image")
+    dataset = ImageFolderDataset(tmp_path, "train", _identity)
+    with pytest.raises(DataError) as direct:
+        dataset[0]
+    loader = DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate_samples)
+    with pytest.raises(DataError) as from_worker:
+        next(iter(loader))
+    assert "Traceback" in str(from_worker.value)  # what DataLoader does: the worker's traceback in the message
+    assert without_worker_traceback(from_worker.value) == str(direct.value)
+    assert without_worker_traceback(direct.value) == str(direct.value)  # other messages are left alone

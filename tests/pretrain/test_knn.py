@@ -87,3 +87,13 @@ def test_knn_command_names_and_counts_an_unreadable_image(tmp_path, capsys):
     assert code == 0
     assert "skipped_images=1" in captured.out
     assert str(broken) in captured.err and captured.err.count("unreadable image") == 1
+
+
+def test_train_and_val_with_other_classes_name_the_folders_and_the_way_out(tmp_path):
+    from pretrain.data import DataError
+
+    root = make_image_folder(tmp_path / "data", {"a": 2, "b": 2}, size=36)
+    (root / "val" / "b").rename(root / "val" / "c")
+    cfg = load_config(TOY_CONFIGS[0], [f"data.root={root}", "augment.image_size=32", "data.num_workers=0"])
+    with pytest.raises(DataError, match=r"only in train: \['b'\]; only in val: \['c'\].*knn.enabled=false"):
+        KnnMonitor(cfg, distributed.World())

@@ -57,3 +57,31 @@ def test_why_a_run_stopped_is_also_in_its_log_file(capsys, tmp_path):
     assert main([str(CONFIG["mocov2"]), f"data.root={tmp_path / 'nope2'}", f"out_dir={second}"]) == 2
     assert "nope2" not in (first / "log.txt").read_text()
     assert "nope2" in (second / "log.txt").read_text()
+
+
+def test_no_config_file_says_so_not_that_overrides_are_required(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "no config file given" in err
+    assert "arguments are required" not in err  # argparse's "required: config, key=value": overrides are not
+
+
+def test_an_error_in_a_loader_worker_is_one_line_not_the_workers_traceback(monkeypatch, capsys, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import ImageFolderDataset, collate_samples
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "train" / "a" / f"img_{i}.jpg").write_text("not an image")
+
+    def train(cfg, force=False):  # what the training loop does with a split that is not made of images
+        dataset = ImageFolderDataset(cfg.data.root, "train", lambda image: 0)
+        next(iter(DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate_samples)))
+
+    monkeypatch.setattr(pretrain.engine, "train", train)
+    assert main([str(CONFIG["mocov2"]), f"data.root={tmp_path}", f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 consecutive images of ") and "cannot be read" in err
+    assert err.count("\n") == 1 and "Traceback" not in err

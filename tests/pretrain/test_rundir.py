@@ -55,3 +55,22 @@ def test_out_dir_that_is_a_file_or_cannot_be_created_is_named(tmp_path):
         rundir.decide(blocker, CONFIG, "auto", force=False)
     with pytest.raises(rundir.RunDirError, match="cannot create the run directory"):
         rundir.decide(blocker / "run", CONFIG, "auto", force=False)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated", None], ids=["empty", "truncated", "foreign"])
+def test_damaged_or_foreign_checkpoint_in_the_run_dir_says_how_to_start_again_and_is_kept(tmp_path, content):
+    import torch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    last = out / rundir.LAST
+    if content is None:
+        torch.save({"weight": torch.zeros(2)}, last)
+    else:
+        last.write_bytes(content)
+    with pytest.raises(rundir.RunDirError, match=r"move checkpoint_last.pth out of .*run .*or pass --force") as caught:
+        rundir.decide(out, CONFIG, "auto", force=False)
+    message = str(caught.value)
+    # not the fixes for a downloaded or third-party file, and no "saving?." punctuation
+    assert "Re-download" not in message and "transfer.convert" not in message and "?." not in message
+    assert last.exists()  # refusing loses nothing
