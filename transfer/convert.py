@@ -172,6 +172,11 @@ def convert_to_detectron2(path: str | os.PathLike, output_pkl: str | os.PathLike
     if output_pkl.suffix != ".pkl":
         raise ValueError(f"the detectron2 output must end in .pkl (detectron2 picks its reader by suffix): {output_pkl}")
     report_path = Path(report_path) if report_path else output_pkl.with_suffix(".report.json")
+    outputs = [(output_pkl, "output"), (report_path, "report")]
+    if export_torchvision_path is not None:
+        outputs.append((Path(export_torchvision_path), "--export-torchvision output"))
+    for output, what in outputs:
+        _check_output_path(output, path, what)
     backbone = load_backbone(path, format=format, prefix=prefix)
     weights, mapping = detectron2_weights(backbone)
     report = build_report(backbone, mapping, format, prefix)
@@ -190,7 +195,7 @@ def convert_to_detectron2(path: str | os.PathLike, output_pkl: str | os.PathLike
             report["verification"] = _verify(temporary, backbone.arch, expected) if verify else {"skipped": True}
             os.replace(temporary, output_pkl)
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # must not mask the error that stopped the write
                 os.unlink(temporary)
         report["status"] = "converted"
     report["output"] = {"detectron2_pkl": str(output_pkl.resolve()), "sha256": sha256_file(output_pkl),
@@ -199,6 +204,30 @@ def convert_to_detectron2(path: str | os.PathLike, output_pkl: str | os.PathLike
         report["output"]["torchvision_pth"] = _write_torchvision(backbone, Path(export_torchvision_path), force)
     atomic_write_json(report_path, report)
     return report
+
+
+def _check_output_path(output: Path, source: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, before any work, an output that would replace the input or that cannot be written.
+
+    Checked up front because the failures otherwise come late (after loading and verifying) and as raw
+    OS errors, and because ``--force`` over the input would destroy the weights being converted (and,
+    for a ``.pkl`` input, the link to the checkpoint it was made from).
+    """
+    output, source = Path(output), Path(source)
+    if output.is_dir():
+        raise CheckpointError(f"the {what} {output} is a directory; pass a file path")
+    if output.exists() and source.is_file() and os.path.samefile(output, source):
+        raise CheckpointError(f"the {what} {output} is the input checkpoint itself; writing it would replace the "
+                              "weights being converted. Choose another output path")
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # missing folders are created when the output is written
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot write the {what} {output}: {folder} is a file, not a folder. "
+                              "Choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write the {what} {output}: no write permission in {folder}. "
+                              "Choose another output path")
 
 
 def _verify(pkl: Path, arch: str, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -247,6 +276,7 @@ def _write_torchvision(backbone: Backbone, output: Path, force: bool) -> dict[st
 def export_torchvision(path: str | os.PathLike, output_pth: str | os.PathLike, format: str = "auto",
                        prefix: str | None = None, force: bool = False) -> dict[str, Any]:
     """Write the trunk of any supported checkpoint as a plain torchvision ``state_dict`` (no fc)."""
+    _check_output_path(Path(output_pth), path, "output")
     backbone = load_backbone(path, format=format, prefix=prefix)
     return _write_torchvision(backbone, Path(output_pth), force)
 
@@ -289,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                                        export_torchvision_path=args.export_torchvision)
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # what the up-front path checks cannot foresee: a full disk, a read-only mount
+        print(f"error: cannot write the outputs ({err}). Free space or choose an output path in a writable "
+              "folder", file=sys.stderr)
         return 1
     print(_summary(report))
     return 0

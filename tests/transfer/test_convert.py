@@ -272,3 +272,43 @@ def test_converted_detectron2_resnet_computes_the_same_features(tmp_path, arch):
         for stage in range(1, 5):
             y = getattr(tv_resnet, f"layer{stage}")(y)
             torch.testing.assert_close(features[f"res{stage + 1}"], y, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- output paths
+
+
+@pytest.mark.parametrize("problem", ["input_itself", "directory", "parent_is_a_file"])
+def test_bad_output_path_is_refused_before_any_work_and_the_input_survives(layout_factory, tmp_path, problem):
+    source, _ = layout_factory("detectron2_pkl")  # a .pkl input, so --force over it is a plausible slip
+    if problem == "input_itself":
+        output, expected = source, "is the input checkpoint itself"
+    elif problem == "directory":
+        output, expected = tmp_path / "out.pkl", "is a directory"
+        output.mkdir()
+    else:
+        (tmp_path / "afile").write_text("x")
+        output, expected = tmp_path / "afile" / "sub" / "out.pkl", "is a file, not a folder"
+    before = sha256_file(source)
+    with pytest.raises(CheckpointError, match=expected):
+        convert_to_detectron2(source, output, force=True, verify=False)
+    assert sha256_file(source) == before
+
+
+def test_export_torchvision_over_its_own_input_is_refused(layout_factory, tmp_path):
+    source, _ = layout_factory("torchvision")
+    before = sha256_file(source)
+    with pytest.raises(CheckpointError, match="input checkpoint itself"):
+        export_torchvision(source, source, force=True)
+    assert sha256_file(source) == before
+
+
+def test_cli_bad_output_and_missing_input_each_give_one_error(layout_factory, tmp_path, capsys):
+    source, _ = layout_factory("torchvision")
+    (tmp_path / "out.pkl").mkdir()
+    assert main([str(source), str(tmp_path / "out.pkl")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a directory" in err and "Traceback" not in err
+    assert main([str(tmp_path / "missing.pth"), str(tmp_path / "x.pkl")]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint not found" in err and "cannot write" not in err
+    assert not (tmp_path / "x.pkl").exists()
