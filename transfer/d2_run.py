@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import shutil
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -188,7 +189,8 @@ def _train_and_evaluate(plan, cfg) -> dict[str, Any]:
             info.update(weights_loaded=check["summary"], resumed_from=None, resumed_from_iteration=0)
         start = time.monotonic()
         if trainer.start_iter < trainer.max_iter:
-            trainer.train()
+            with _stop_at_a_step_boundary():
+                trainer.train()
         timings["train_s"] = round(time.monotonic() - start, 3)
         iteration = min(trainer.iter, trainer.max_iter) if trainer.start_iter < trainer.max_iter else trainer.start_iter
         model = trainer.model
@@ -200,6 +202,18 @@ def _train_and_evaluate(plan, cfg) -> dict[str, Any]:
     timings["eval_s"] = round(time.monotonic() - start, 3)
     info.update(iteration=iteration, max_iter=int(cfg.SOLVER.MAX_ITER), timings=timings)
     return {"results": results, "info": info}
+
+
+@contextlib.contextmanager
+def _stop_at_a_step_boundary():
+    """While training, a first SIGTERM / Ctrl-C ends the run after the step in progress, with its checkpoint."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+    from pretrain.stop_request import STOP
+
+    with STOP.installed(), STOP.armed():
+        yield
 
 
 def _write(plan, status: str, metrics: dict[str, float], extra: dict[str, Any], error: str | None = None):

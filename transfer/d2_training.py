@@ -10,6 +10,8 @@
   pycocotools: ``use_fast_impl=False``) chosen by the dataset's ``evaluator_type``; the final evaluation
   is left to the caller, who keeps the evaluator's returned dict;
 * precise BN (detectron2's hook, ``TEST.PRECISE_BN``) before every evaluation and at the end;
+* a stop request (SIGTERM or Ctrl-C, see :mod:`pretrain.stop_request`) ends training after the step in
+  progress with a checkpoint of that step, so ``--resume`` loses nothing;
 * a tqdm progress bar instead of a console log (the full log goes to ``OUTPUT_DIR/log.txt``).
 """
 
@@ -19,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 import weakref
 from collections import defaultdict
@@ -27,7 +30,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from pretrain.distributed import any_process
 from pretrain.fileio import atomic_torch_save, atomic_write_text
+from pretrain.stop_request import STOP, leave_signals_to_the_trainer
 from transfer.d2checkpoint import SafeDetectionCheckpointer
 from transfer.d2compat import import_detectron2
 
@@ -192,6 +197,28 @@ class _ProgressBar(hooks.HookBase):
             self._bar.close()
 
 
+class _StopOnRequest(hooks.HookBase):
+    """After each step: if any process was asked to stop, save this step (unless the periodic checkpointer
+    just did) and raise the stop. The last hook, so the step's own checkpoint and metrics come first."""
+
+    def after_step(self):
+        device = torch.device(self.trainer.cfg.MODEL.DEVICE)
+        if not any_process([STOP.requested], device)[0]:
+            return
+        iteration, max_iter = self.trainer.iter, self.trainer.max_iter
+        name = "model_final" if iteration + 1 >= max_iter else f"model_{iteration:07d}"
+        checkpointer = self.trainer.checkpointer
+        tag = os.path.join(checkpointer.save_dir, "last_checkpoint")
+        saved = os.path.isfile(tag) and open(tag).read().strip() == f"{name}.pth"
+        if not saved:
+            checkpointer.save(name, iteration=iteration)
+        comm.synchronize()  # the other processes stop only once rank 0 has written the checkpoint
+        if comm.is_main_process():
+            print(f"stopped after iteration {iteration + 1} of {max_iter}; checkpoint {name}.pth", file=sys.stderr,
+                  flush=True)
+        raise STOP.exception()
+
+
 class _IntermediateEvalHook(hooks.EvalHook):
     """Detectron2's periodic evaluation, minus the one after the last iteration: the runner evaluates the
     final model itself and keeps the evaluator's dict for the record."""
@@ -243,7 +270,9 @@ class DetectionTrainer(DefaultTrainer):
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SOLVER.IMS_PER_BATCH = cfg.SOLVER.IMS_PER_BATCH // steps
-        return build_detection_train_loader(cfg)
+        # torch's workers die on a SIGTERM that is not their parent's: a job-wide SIGTERM would break the
+        # step that the stop request is about to save
+        return leave_signals_to_the_trainer(build_detection_train_loader(cfg))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
@@ -264,4 +293,5 @@ class DetectionTrainer(DefaultTrainer):
                 hook = _IntermediateEvalHook(self.cfg.TEST.EVAL_PERIOD, lambda: self.test(self.cfg, self.model))
             result.append(hook)
         result.append(_ProgressBar(self._description, self._progress))
+        result.append(_StopOnRequest())
         return result

@@ -37,6 +37,7 @@ import torch
 from pretrain.checkpoint import CheckpointError
 from pretrain.fileio import sha256_file, sha256_json
 from pretrain.provenance import utc_now
+from pretrain.stop_request import Terminated, exception_for
 from transfer.records import RecordError, model_from_meta, read_record, record_filename
 
 __all__ = ["run_detection", "plan_detection", "DetectionPlan", "DetectionSetupError", "resolve_config",
@@ -435,7 +436,10 @@ def _parser() -> argparse.ArgumentParser:
                     "of a ResNet checkpoint on detectron2; writes one JSON results record.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"configs (--config, in {CONFIG_DIR}):\n{configs}\n\n"
-               "exit status: 0 done or skipped, 1 refused or failed (message says why), 2 bad arguments.\n"
+               "stopping: the first SIGTERM or Ctrl-C during training ends the run after the step in progress and\n"
+               "saves a checkpoint of it (--resume continues from there); a second one stops at once.\n\n"
+               "exit status: 0 done or skipped, 1 refused or failed (message says why), 2 bad arguments,\n"
+               "130 Ctrl-C, 143 SIGTERM.\n"
                "example: python -m transfer.detection --task voc --weights final.pth --config toy "
                "--data-root /data/toy SOLVER.MAX_ITER 100",
     )
@@ -479,18 +483,18 @@ def main(argv: list[str] | None = None) -> int:
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _main(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("interrupted: no record written; rerun the same command with --resume to continue from the run "
               "directory's last checkpoint (see its last_checkpoint), or with --force to start over",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130  # the shell's codes for SIGTERM / SIGINT, as pretrain
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise exception_for(signum)
 
 
 def _main(args: argparse.Namespace) -> int:

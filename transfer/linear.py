@@ -441,7 +441,7 @@ def _interrupted() -> int:
     print("interrupted: no record written; rerun the same command to continue (the ImageNet-100 probe from "
           "its last finished epoch in probe_last.pth, logistic regression from its cached features), "
           "or add --force to start over", file=sys.stderr)
-    return 130
+    return 143 if _SIGNALLED[:1] == [signal.SIGTERM] else 130  # the shell's codes, as pretrain and detection
 
 
 if __name__ == "__main__":

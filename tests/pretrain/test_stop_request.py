@@ -13,7 +13,7 @@ from pretrain.checkpoint import load_checkpoint
 from pretrain.config import load_config
 from pretrain.data import worker_init
 from pretrain.engine import train
-from pretrain.stop_request import STOP, Terminated
+from pretrain.stop_request import STOP, Terminated, leave_signals_to_the_trainer
 from tests.pretrain.engine_helpers import TOY_CONFIGS, tiny_overrides
 
 CONFIG = {p.stem: p for p in TOY_CONFIGS}
@@ -113,3 +113,59 @@ def test_data_workers_leave_sigterm_and_ctrl_c_to_the_trainer():
     """A scheduler signals every process: a worker killed by it would break the step being saved."""
     loader = DataLoader(_WorkerSignals(), batch_size=None, num_workers=1, worker_init_fn=worker_init)
     assert next(iter(loader)) == [True, True]
+
+
+
+class _SignalledWorker(Dataset):
+    """A worker that receives the terminal's Ctrl-C (sent to the whole process group)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[bool, int]:
+        os.kill(os.getpid(), signal.SIGINT)  # the handler is inherited through fork: must neither raise nor record
+        return STOP.requested, os.getpid()
+
+
+def test_a_forked_worker_that_inherits_the_handlers_leaves_ctrl_c_to_the_trainer(capfd):
+    with STOP.installed(), STOP.armed():
+        loader = DataLoader(_SignalledWorker(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+        requested_in_worker, worker_pid = next(iter(loader))
+        assert worker_pid != os.getpid() and not requested_in_worker
+        assert not STOP.requested  # the worker's signal is not the trainer's
+        assert "stopping after the current step" not in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)
+        assert STOP.requested  # the trainer's own signal still is
+
+
+_INITIALISED: list[int] = []
+
+
+class _WorkerState(Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> list:
+        return [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)] + [list(_INITIALISED)]
+
+
+def _library_worker_init(worker_id: int) -> None:  # stands for detectron2's worker_init_reset_seed
+    _INITIALISED.append(worker_id)
+
+
+def test_a_loader_built_by_a_library_gets_workers_that_ignore_the_signals_after_its_own_init():
+    loader = DataLoader(_WorkerState(), batch_size=None, num_workers=1, worker_init_fn=_library_worker_init,
+                        multiprocessing_context="fork")
+    assert next(iter(loader)) == [False, False, [0]]  # torch alone: the workers die on the job's SIGTERM
+    assert leave_signals_to_the_trainer(loader) is loader
+    assert next(iter(loader)) == [True, True, [0]]
+    wrapped = DataLoader(_WorkerState(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+
+    class Grouping:  # like detectron2's AspectRatioGroupedDataset: the DataLoader is its .dataset
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+    leave_signals_to_the_trainer(Grouping(wrapped))
+    assert next(iter(wrapped))[:2] == [True, True]
+    single = DataLoader(_WorkerState(), batch_size=None, num_workers=0)
+    assert leave_signals_to_the_trainer(single).worker_init_fn is None  # no workers: nothing to change

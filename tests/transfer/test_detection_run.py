@@ -84,10 +84,10 @@ def test_a_finished_record_for_other_inputs_is_not_overwritten(toy_world, tmp_pa
         run_detection("voc", weights, data_root=toy_world, config="micro", out=out, overrides=SHORT)
 
 
-def _start_killable_run(weights: Path, toy_world: Path, out: Path) -> subprocess.Popen:
+def _start_killable_run(weights: Path, toy_world: Path, out: Path, overrides=RESUMABLE) -> subprocess.Popen:
     command = [sys.executable, "-m", "transfer.detection", "--task", "voc", "--weights", str(weights),
                "--config", "micro", "--data-root", str(toy_world), "--out", str(out), "--no-progress",
-               *RESUMABLE]
+               *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -122,6 +122,44 @@ def test_a_killed_run_resumes_to_the_same_final_iteration(toy_world, tmp_path, r
     assert extra["mode"] == "resume" and extra["resumed_from_iteration"] >= 4
     assert extra["iteration"] == extra["max_iter"] == 24
     assert all(math.isfinite(v) for v in record["metrics"].values())
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_in_progress_and_resume_continues_from_it(toy_world, tmp_path,
+                                                                          random_checkpoint_factory):
+    """A preempted job (SIGTERM to the whole process group) keeps its progress even with no periodic
+    checkpoint yet."""
+    weights = random_checkpoint_factory()
+    out = tmp_path / "preempted"
+    no_periodic = ["SOLVER.MAX_ITER", "24", "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.PRECISE_BN.NUM_ITER", "2",
+                   "DATALOADER.NUM_WORKERS", "1"]  # a worker gets the SIGTERM too: it must not break the step
+    process = _start_killable_run(weights, toy_world, out, no_periodic)
+    try:
+        deadline = time.monotonic() + 240
+        while "Starting training" not in ((out / "log.txt").read_text() if (out / "log.txt").exists() else ""):
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "training did not start within 4 minutes"
+            time.sleep(0.05)
+        time.sleep(2.0)  # a few iterations in
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    err = err.decode()
+    assert process.returncode == 143, err[-2000:]
+    assert "stopping after the current step" in err and "Traceback" not in err
+    assert "interrupted: no record written" in err.strip().splitlines()[-1]
+    saved = (out / "last_checkpoint").read_text().strip()
+    assert saved.startswith("model_") and (out / saved).is_file() and not list(out.glob("voc_detection__*.json"))
+    stopped_at = 24 if saved == "model_final.pth" else int(saved[len("model_"):-len(".pth")]) + 1
+    assert f"stopped after iteration {stopped_at} of 24" in err
+
+    record = run_detection("voc", weights, data_root=toy_world, config="micro", out=out, overrides=no_periodic,
+                           resume=True, progress=False)
+    assert record["extra"]["resumed_from"] == saved and record["extra"]["resumed_from_iteration"] == stopped_at
+    assert record["extra"]["iteration"] == 24 and all(math.isfinite(v) for v in record["metrics"].values())
 
 
 def test_record_metrics_come_from_the_evaluator_dict():
@@ -168,7 +206,7 @@ def test_a_killed_command_says_how_to_continue_in_one_line(monkeypatch, capsys, 
 
     monkeypatch.setattr("transfer.detection.run_detection", killed_mid_run)
     before = signal.getsignal(signal.SIGTERM)
-    assert main(["--task", "voc", "--weights", str(tmp_path / "w.pth")]) == 130
+    assert main(["--task", "voc", "--weights", str(tmp_path / "w.pth")]) == (143 if signum == signal.SIGTERM else 130)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted: no record written; rerun the same command with --resume")
     assert signal.getsignal(signal.SIGTERM) == before
