@@ -21,18 +21,23 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from transfer.benchmark_config import (
+from transfer.warm_start import prepare_driver
+
+if __name__ == "__main__":  # as the program (not when imported): before anything loads numpy, torch or tqdm,
+    prepare_driver()  # so that the driver holds no thread pools and its cells can start as forks of it
+
+from transfer.benchmark_config import (  # noqa: E402
     BenchmarkConfig,
     BenchmarkConfigError,
     MethodSpec,
     config_path_for,
     load_benchmark_config,
 )
-from transfer.benchmark_plan import Plan, Selection, build_plan, forced_cells
-from transfer.benchmark_progress import Progress
-from transfer.benchmark_report import print_plan, print_tables, summarize
-from transfer.benchmark_runner import Runner, Stopped
-from transfer.benchmark_workspace import Workspace
+from transfer.benchmark_plan import Plan, Selection, build_plan, forced_cells  # noqa: E402
+from transfer.benchmark_progress import Progress  # noqa: E402
+from transfer.benchmark_report import print_plan, print_tables, summarize  # noqa: E402
+from transfer.benchmark_runner import Runner, Stopped  # noqa: E402
+from transfer.benchmark_workspace import Workspace  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     progress = Progress(config.preset, len(plan), jobs=config.jobs)
     forced = forced_cells(plan, config, selection) if args.force else set()
-    runner = Runner(plan, ws, progress, jobs=config.jobs, threads=args.threads, forced=forced, env=config.env)
+    runner = Runner(plan, ws, progress, jobs=config.jobs, threads=args.threads, forced=forced, env=config.env,
+                    warm_start=config.warm_start)
     if args.dry_run:
         print_plan(plan, ws, runner)
         return EXIT_OK

@@ -35,7 +35,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...] | None] = {  # section -> its keys (None: 
     "preset": None, "description": None, "arch": None, "image_size": None, "seeds": None, "pretrain_seed": None,
     "pretrain_per_seed": None,
     "data": ("root", "toy_world"),
-    "machine": ("jobs", "gpus", "env"),
+    "machine": ("jobs", "gpus", "env", "warm_start"),
     "pretrain": ("module", "config_dir", "data_subdir", "overrides", "resume_args", "launcher", "estimate_s",
                  "timeout_s"),
     "convert": ("estimate_s",),
@@ -117,6 +117,7 @@ class BenchmarkConfig:
     jobs: int
     gpus: int
     env: dict[str, str]  # environment variables for every cell (a variable already set in the shell wins)
+    warm_start: bool  # start cells as forks of the preloaded driver where that is safe (transfer.warm_start)
     pretrain: PretrainSpec
     convert_estimate_s: float
     tasks: dict[str, TaskSpec]
@@ -259,6 +260,8 @@ def parse_config(raw: dict[str, Any], source: str) -> BenchmarkConfig:
     _need(isinstance(jobs, int) and jobs >= 1, f"{where}: machine.jobs must be an integer >= 1")
     _need(isinstance(gpus, int) and gpus >= 0, f"{where}: machine.gpus must be an integer >= 0")
     env = machine.get("env") or {}
+    warm_start = machine.get("warm_start", True)
+    _need(isinstance(warm_start, bool), f"{where}: machine.warm_start must be true or false")
     _need(isinstance(env, dict) and all(isinstance(k, str) and k.isidentifier() and isinstance(v, (str, int, float))
                                         and not isinstance(v, bool) for k, v in env.items()),
           f"{where}: machine.env must map environment variable names to strings or numbers, e.g. {{FOO: '1'}}")
@@ -276,6 +279,7 @@ def parse_config(raw: dict[str, Any], source: str) -> BenchmarkConfig:
         jobs=jobs,
         gpus=gpus,
         env={str(k): str(v) for k, v in env.items()},
+        warm_start=warm_start,
         pretrain=pretrain,
         convert_estimate_s=_number((raw.get("convert") or {}).get("estimate_s"), f"{where}: convert.estimate_s", 6.0),
         tasks=tasks,

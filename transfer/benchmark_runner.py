@@ -29,6 +29,7 @@ from transfer.benchmark_plan import Cell, Plan
 from transfer.benchmark_progress import Progress
 from transfer.benchmark_state import Attic, CellState, StateStore, Verdict, decide, running_state
 from transfer.benchmark_workspace import Deps, Workspace
+from transfer.warm_start import IMPORT_TIME_DEFAULTS, ForkedCell, WarmStarter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.2
@@ -53,7 +54,7 @@ class CellResult:
 class _Running:
     cell: Cell
     verdict: Verdict
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedCell
     log_handle: Any
     started: float
     started_wall: float
@@ -80,16 +81,16 @@ def cell_environment(threads: int, extra: dict[str, str] | None = None) -> dict[
                  "VECLIB_MAXIMUM_THREADS"):
         env[name] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("MPLBACKEND", "Agg")
-    env.setdefault("TQDM_MININTERVAL", "5")  # progress bars in log files: a line every few seconds
+    for name, value in IMPORT_TIME_DEFAULTS.items():
+        env.setdefault(name, value)
     return env
 
 
 class Runner:
     def __init__(self, plan: Plan, ws: Workspace, progress: Progress, jobs: int = 1, threads: int | None = None,
-                 forced: set[str] | None = None, env: dict[str, str] | None = None):
+                 forced: set[str] | None = None, env: dict[str, str] | None = None, warm_start: bool = False):
         self.plan, self.ws, self.progress = plan, ws, progress
+        self.warm = WarmStarter(enabled=warm_start)
         self.env = dict(env or {})
         self.jobs = max(1, jobs)
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.jobs)
@@ -256,9 +257,10 @@ class Runner:
         handle.write(f"\n==== {utc_now()} {cell.id}: {verdict.status} ({verdict.reason})\n$ "
                      f"{subprocess.list2cmdline(command)}\n")
         handle.flush()
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=cell_environment(self.threads, self.env), start_new_session=True,
-                                   preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        env = cell_environment(self.threads, self.env)
+        process = self.warm.start(command, handle, env, self.threads) or subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         timeout = self._timeout(cell)
         now = time.monotonic()
         self._running[cell.id] = _Running(cell, verdict, process, handle, now, time.time(),

@@ -308,6 +308,8 @@ def test_killed_run_resumes_and_skips_finished_cells(tmp_path, capsys):
     assert _processes_mentioning(str(tmp_path / "runs")) == []  # its children died with it
     done_at = finished.stat().st_mtime_ns
     assert cell_status(tmp_path, "lin__random__seed1")["status"] == "running"
+    # the driver ran as a program, single-threaded: its cells started as forks of it (transfer.warm_start)
+    assert "started as a fork of the driver" in (tmp_path / "runs" / "logs" / "lin__random__seed1.log").read_text()
 
     code, out = run(capsys, tmp_path, config, *choice)
     assert code == 0

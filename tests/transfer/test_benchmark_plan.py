@@ -119,6 +119,13 @@ def test_machine_env_reaches_every_cell_but_the_users_own_setting_wins(monkeypat
         preset("toy", "machine.env={FOO: [1, 2]}")
 
 
+def test_warm_start_is_on_by_default_and_can_be_turned_off():
+    assert preset("toy").warm_start is True
+    assert preset("toy", "machine.warm_start=false").warm_start is False
+    with pytest.raises(BenchmarkConfigError, match="machine.warm_start must be true or false"):
+        preset("toy", "machine.warm_start=1")
+
+
 def test_a_misspelt_key_in_the_file_is_an_error(tmp_path):
     text = config_path_for("mini").read_text().replace("machine:\n  jobs:", "machine:\n  job:", 1)
     assert "  job:" in text
