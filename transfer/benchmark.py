@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(config.preset, len(plan), jobs=config.jobs)
     forced = forced_cells(plan, config, selection) if args.force else set()
     runner = Runner(plan, ws, progress, jobs=config.jobs, threads=args.threads, forced=forced, env=config.env,
-                    warm_start=config.warm_start)
+                    warm_start=config.warm_start, stop_grace_s=config.stop_grace_s)
     if args.dry_run:
         print_plan(plan, ws, runner)
         return EXIT_OK

@@ -35,7 +35,7 @@ KNOWN_KEYS: dict[str, tuple[str, ...] | None] = {  # section -> its keys (None: 
     "preset": None, "description": None, "arch": None, "image_size": None, "seeds": None, "pretrain_seed": None,
     "pretrain_per_seed": None,
     "data": ("root", "toy_world"),
-    "machine": ("jobs", "gpus", "env", "warm_start"),
+    "machine": ("jobs", "gpus", "env", "warm_start", "stop_grace_s"),
     "pretrain": ("module", "config_dir", "data_subdir", "overrides", "resume_args", "launcher", "estimate_s",
                  "timeout_s"),
     "convert": ("estimate_s",),
@@ -117,6 +117,7 @@ class BenchmarkConfig:
     jobs: int
     gpus: int
     env: dict[str, str]  # environment variables for every cell (a variable already set in the shell wins)
+    stop_grace_s: float  # after SIGTERM (a timeout, the driver stopped), seconds before a cell is killed
     warm_start: bool  # start cells as forks of the preloaded driver where that is safe (transfer.warm_start)
     pretrain: PretrainSpec
     convert_estimate_s: float
@@ -262,6 +263,10 @@ def parse_config(raw: dict[str, Any], source: str) -> BenchmarkConfig:
     env = machine.get("env") or {}
     warm_start = machine.get("warm_start", True)
     _need(isinstance(warm_start, bool), f"{where}: machine.warm_start must be true or false")
+    grace = machine.get("stop_grace_s", 20)
+    _need(isinstance(grace, (int, float)) and not isinstance(grace, bool) and grace > 0,
+          f"{where}: machine.stop_grace_s must be a number of seconds > 0 (how long a stopped cell may take to save "
+          "its step; raise it for paper-scale detection)")
     _need(isinstance(env, dict) and all(isinstance(k, str) and k.isidentifier() and isinstance(v, (str, int, float))
                                         and not isinstance(v, bool) for k, v in env.items()),
           f"{where}: machine.env must map environment variable names to strings or numbers, e.g. {{FOO: '1'}}")
@@ -280,6 +285,7 @@ def parse_config(raw: dict[str, Any], source: str) -> BenchmarkConfig:
         gpus=gpus,
         env={str(k): str(v) for k, v in env.items()},
         warm_start=warm_start,
+        stop_grace_s=float(grace),
         pretrain=pretrain,
         convert_estimate_s=_number((raw.get("convert") or {}).get("estimate_s"), f"{where}: convert.estimate_s", 6.0),
         tasks=tasks,

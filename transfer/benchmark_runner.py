@@ -33,7 +33,7 @@ from transfer.warm_start import IMPORT_TIME_DEFAULTS, ForkedCell, WarmStarter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.2
-STOP_GRACE_S = 20.0
+STOP_GRACE_S = 20.0  # default of machine.stop_grace_s
 LOG_TAIL_LINES = 25
 
 
@@ -88,9 +88,11 @@ def cell_environment(threads: int, extra: dict[str, str] | None = None) -> dict[
 
 class Runner:
     def __init__(self, plan: Plan, ws: Workspace, progress: Progress, jobs: int = 1, threads: int | None = None,
-                 forced: set[str] | None = None, env: dict[str, str] | None = None, warm_start: bool = False):
+                 forced: set[str] | None = None, env: dict[str, str] | None = None, warm_start: bool = False,
+                 stop_grace_s: float = STOP_GRACE_S):
         self.plan, self.ws, self.progress = plan, ws, progress
         self.warm = WarmStarter(enabled=warm_start)
+        self.stop_grace_s = stop_grace_s  # after SIGTERM, how long a cell may take to save its step and exit
         self.env = dict(env or {})
         self.jobs = max(1, jobs)
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.jobs)
@@ -361,7 +363,7 @@ class Runner:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.process.pid, signal.SIGTERM)
         try:
-            job.process.wait(STOP_GRACE_S)
+            job.process.wait(self.stop_grace_s)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.process.pid, signal.SIGKILL)
@@ -371,7 +373,7 @@ class Runner:
         for job in self._running.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + self.stop_grace_s
         for job in self._running.values():
             try:
                 job.process.wait(max(0.1, deadline - time.monotonic()))

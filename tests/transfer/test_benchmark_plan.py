@@ -126,6 +126,32 @@ def test_warm_start_is_on_by_default_and_can_be_turned_off():
         preset("toy", "machine.warm_start=1")
 
 
+def test_stop_grace_is_configurable_and_must_be_positive():
+    assert preset("toy").stop_grace_s == 20.0
+    assert preset("toy", "machine.stop_grace_s=120").stop_grace_s == 120.0
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(BenchmarkConfigError, match="machine.stop_grace_s must be a number of seconds > 0"):
+            preset("toy", f"machine.stop_grace_s={bad}")
+
+
+def test_a_cell_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from transfer.benchmark_runner import Runner, _Running
+
+    ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", ignores], stdout=subprocess.PIPE, start_new_session=True)
+    assert process.stdout.readline().strip() == b"up"
+    runner = Runner.__new__(Runner)
+    runner.stop_grace_s = 0.5
+    started = time.monotonic()
+    runner._terminate(_Running(None, None, process, None, started, time.time(), None))
+    assert process.returncode == -9 and 0.4 < time.monotonic() - started < 10
+    process.stdout.close()
+
+
 def test_a_misspelt_key_in_the_file_is_an_error(tmp_path):
     text = config_path_for("mini").read_text().replace("machine:\n  jobs:", "machine:\n  job:", 1)
     assert "  job:" in text
