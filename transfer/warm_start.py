@@ -122,8 +122,10 @@ class WarmStarter:
         if self._loaded:
             return
         self._loaded = True
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        # Import-time warnings are not shown on the driver's terminal; the filters that modules add when
+        # imported stay in place (catch_warnings would drop them), as they would in a fresh cell.
+        shown, warnings.showwarning = warnings.showwarning, lambda *args, **kwargs: None
+        try:
             for name in self.preload_modules:
                 try:
                     importlib.import_module(name)
@@ -131,6 +133,8 @@ class WarmStarter:
                     self.reason = f"cannot preload {name}: {type(err).__name__}"
                     self.enabled = False
                     return
+        finally:
+            warnings.showwarning = shown
 
     def module_of(self, command: list[str]) -> str | None:
         if len(command) >= 3 and command[1] == "-m" and os.path.realpath(command[0]) == os.path.realpath(

@@ -38,9 +38,17 @@ CELL = textwrap.dedent("""
     (out / "facts.json").write_text(json.dumps(facts))
     atexit.register(lambda: (out / "atexit").write_text("ran"))
     threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("joined"))).start()
+    import warnings
+    warnings.warn("quiet please")  # silenced by the filter warnmod added when the driver imported it
     print("to stdout")
     print("to stderr", file=sys.stderr)
     sys.exit(3)
+""")
+
+WARNMOD = textwrap.dedent("""
+    import warnings
+    warnings.filterwarnings("ignore", message="quiet please")
+    warnings.warn("an import-time warning")
 """)
 
 DRIVER = textwrap.dedent("""
@@ -48,7 +56,7 @@ DRIVER = textwrap.dedent("""
     from transfer.warm_start import WarmStarter, prepare_driver
     prepare_driver()
     mode, log_path = sys.argv[1], sys.argv[2]
-    starter = WarmStarter(preload=("json",))
+    starter = WarmStarter(preload=("json", "warnmod"))
     if mode == "threaded":
         threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
     held = open(log_path + ".lock", "w")  # like the driver's lock file: not inherited by the cell
@@ -77,12 +85,14 @@ DRIVER = textwrap.dedent("""
 def drive(tmp_path: Path, mode: str) -> tuple[dict, str]:
     (tmp_path / "cellmod.py").write_text(CELL)
     (tmp_path / "driver.py").write_text(DRIVER)
+    (tmp_path / "warnmod.py").write_text(WARNMOD)
     log = tmp_path / "cell.log"
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]), CELL_OUT=str(tmp_path), DRIVER_ONLY="1")
     done = subprocess.run([sys.executable, str(tmp_path / "driver.py"), mode, str(log)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert "import-time warning" not in done.stderr  # preloading keeps the driver's terminal clean
     return json.loads(done.stdout.strip().splitlines()[-1]), log.read_text() if log.exists() else ""
 
 
@@ -95,6 +105,7 @@ def test_a_forked_cell_runs_the_module_as_python_m_would(tmp_path):
     assert facts["threads"] == 2 and facts["sigterm_default"] and facts["own_session"] and facts["stdin"] == ""
     assert facts["driver_fd_open"] is False
     assert "to stdout" in log and "to stderr" in log and "started as a fork" in log
+    assert "quiet please" not in log  # warning filters set by preloaded modules stay in force
     # exit waits for the cell's threads and runs its atexit handlers, as the end of an interpreter does
     assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
 
