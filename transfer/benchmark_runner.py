@@ -12,7 +12,6 @@ die with it (``PR_SET_PDEATHSIG`` on Linux).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -29,7 +28,13 @@ from transfer.benchmark_plan import Cell, Plan
 from transfer.benchmark_progress import Progress
 from transfer.benchmark_state import Attic, CellState, StateStore, Verdict, decide, running_state
 from transfer.benchmark_workspace import Deps, Workspace
-from transfer.warm_start import IMPORT_TIME_DEFAULTS, ForkedCell, WarmStarter
+from transfer.warm_start import (
+    IMPORT_TIME_DEFAULTS,
+    THREAD_VARIABLES,
+    ForkedCell,
+    WarmStarter,
+    die_with_parent,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.2
@@ -65,20 +70,13 @@ class Stopped(BaseException):
     """The driver was asked to stop (SIGTERM); like KeyboardInterrupt it passes every ``except Exception``."""
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the driver dies, so a killed driver leaves no orphans."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-
-
 def cell_environment(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a cell's process: ``threads`` per cell, the repository importable, and the preset's
     ``machine.env`` (a variable the user already set keeps the user's value)."""
     env = dict(os.environ)
     for name, value in (extra or {}).items():
         env.setdefault(name, value)
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-                 "VECLIB_MAXIMUM_THREADS"):
+    for name in THREAD_VARIABLES:
         env[name] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     for name, value in IMPORT_TIME_DEFAULTS.items():
@@ -262,7 +260,7 @@ class Runner:
         env = cell_environment(self.threads, self.env)
         process = self.warm.start(command, handle, env, self.threads) or subprocess.Popen(
             command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         timeout = self._timeout(cell)
         now = time.monotonic()
         self._running[cell.id] = _Running(cell, verdict, process, handle, now, time.time(),

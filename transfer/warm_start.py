@@ -24,6 +24,7 @@ import logging
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +61,12 @@ def prepare_driver() -> None:
         os.environ.setdefault(name, "1")
     for name, value in IMPORT_TIME_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def die_with_parent() -> None:
+    """In a cell's process: get SIGKILL when the driver dies, so a killed driver leaves no orphans."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 def os_threads() -> int:
@@ -99,8 +106,6 @@ class ForkedCell:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        import subprocess
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
@@ -113,8 +118,8 @@ class WarmStarter:
     """Forks cells from this (preloaded) process; ``start`` returns None when a plain subprocess must be used."""
 
     def __init__(self, enabled: bool = True, preload: tuple[str, ...] = PRELOAD):
-        self.enabled = enabled
         self.preload_modules = preload
+        # Why cells start as subprocesses; once set, for the rest of the run.
         self.reason: str | None = None if enabled else "machine.warm_start is false"
         self._loaded = False
 
@@ -131,7 +136,6 @@ class WarmStarter:
                     importlib.import_module(name)
                 except Exception as err:  # the cell itself will report a broken install clearly
                     self.reason = f"cannot preload {name}: {type(err).__name__}"
-                    self.enabled = False
                     return
         finally:
             warnings.showwarning = shown
@@ -144,16 +148,13 @@ class WarmStarter:
 
     def start(self, command: list[str], log: IO[str], env: dict[str, str], threads: int) -> ForkedCell | None:
         module = self.module_of(command)
-        if not self.enabled or module is None:
-            return None
+        if self.reason is None and not self._loaded:
+            self.reason = unsafe_reason()  # checked before the preload as well: it would be wasted
+            if self.reason is None:
+                self._preload()
         if self.reason is None:
-            self.reason = unsafe_reason()  # before the preload too: it would be wasted
-        if self.reason is None:
-            self._preload()
-        if self.reason is None:
-            self.reason = unsafe_reason()
-        if self.reason is not None:
-            self.enabled = False
+            self.reason = unsafe_reason()  # before every fork: an import or a cell may have started a thread
+        if self.reason is not None or module is None:
             return None
         log.write("[benchmark] started as a fork of the driver, which has the libraries imported "
                   "(machine.warm_start)\n")
@@ -171,8 +172,7 @@ def _become_cell(module: str, args: list[str], log_fd: int, env: dict[str, str],
     code = 1
     try:
         os.setsid()
-        with contextlib.suppress(Exception):  # get SIGKILL when the driver dies, like the subprocess cells
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+        die_with_parent()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
@@ -219,12 +219,10 @@ def _become_cell(module: str, args: list[str], log_fd: int, env: dict[str, str],
 
 def _set_threads(threads: int) -> None:
     import torch
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn
 
     torch.set_num_threads(threads)
-    with contextlib.suppress(Exception):
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(threads)
+    threadpool_limits(threads)
 
 
 def _run(module: str) -> int:
